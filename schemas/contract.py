@@ -1,0 +1,270 @@
+"""The data contract of tripletflow, declared once and imported everywhere.
+
+Input: TFRecord files (plain or GZIP) of `tf.train.Example`, one per image, with the
+features named below; their shapes live in the tensorflow-metadata schema
+`input_schema.pbtxt` beside this file. Outputs: the Parquet tables `vectors`,
+`examples` and `dead_letter`, whose pyarrow schemas are defined here, plus
+`summary.json` and `MANIFEST.json` whose keys are listed here. README.md beside
+this file says what each column means, with units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import pyarrow as pa
+
+# ---------------------------------------------------------------------------
+# Input: tf.train.Example features.
+# ---------------------------------------------------------------------------
+EXAMPLE_ID = "example_id"  # bytes, one value
+EMBEDDINGS = "embeddings"  # float list, row-major [levels, height, width, anchors, dim]
+LABELS = "labels"  # int64 list, row-major [levels, height, width, anchors]
+
+EMPTY_LABEL = -1  # label of an empty box (and of padding in padded sets)
+
+DEFAULT_GRID = (2, 13, 13, 5)  # [levels, height, width, anchors], the seeds' shape
+DEFAULT_DIM = 100  # floats per box embedding
+
+INPUT_SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "input_schema.pbtxt")
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSpec:
+    """Shape of one image's box grid: [levels, height, width, anchors] boxes of `dim` floats."""
+
+    levels: int = DEFAULT_GRID[0]
+    height: int = DEFAULT_GRID[1]
+    width: int = DEFAULT_GRID[2]
+    anchors: int = DEFAULT_GRID[3]
+    dim: int = DEFAULT_DIM
+
+    def __post_init__(self):
+        for name in ("levels", "height", "width", "anchors", "dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"grid {name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def parse(cls, grid: str | Sequence[int] = DEFAULT_GRID, dim: int | str = DEFAULT_DIM) -> "GridSpec":
+        """Builds a spec from "L,H,W,A" (or a 4-sequence) and a dim; raises ValueError when malformed."""
+        if isinstance(grid, str):
+            try:
+                grid = [int(part) for part in grid.split(",")]
+            except ValueError:
+                raise ValueError(f"--grid must be four integers L,H,W,A, got {grid!r}") from None
+        grid = list(grid)
+        if len(grid) != 4:
+            raise ValueError(f"--grid must be four integers L,H,W,A, got {grid!r}")
+        try:
+            dim = int(dim)
+        except (TypeError, ValueError):
+            raise ValueError(f"--dim must be a positive integer, got {dim!r}") from None
+        return cls(*grid, dim=dim)
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int, int]:
+        """[levels, height, width, anchors]."""
+        return (self.levels, self.height, self.width, self.anchors)
+
+    @property
+    def boxes(self) -> int:
+        """Boxes per image: levels * height * width * anchors."""
+        return self.levels * self.height * self.width * self.anchors
+
+    @property
+    def embeddings_length(self) -> int:
+        """Floats in the flat `embeddings` feature: boxes * dim."""
+        return self.boxes * self.dim
+
+    def box_position(self, box_index):
+        """(level, row, col, anchor) of flat box indices (ints or numpy arrays), row-major."""
+        anchor = box_index % self.anchors
+        col = (box_index // self.anchors) % self.width
+        row = (box_index // (self.anchors * self.width)) % self.height
+        level = box_index // (self.anchors * self.width * self.height)
+        return level, row, col, anchor
+
+    def as_list(self) -> list[int]:
+        return [self.levels, self.height, self.width, self.anchors]
+
+
+def input_schema(grid: GridSpec = GridSpec()):
+    """The tensorflow-metadata Schema of the input records, with the shapes of `grid`."""
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    with open(INPUT_SCHEMA_PATH) as f:
+        schema = text_format.Parse(f.read(), schema_pb2.Schema())
+    shapes = {
+        EXAMPLE_ID: [1],
+        EMBEDDINGS: [*grid.grid_shape, grid.dim],
+        LABELS: list(grid.grid_shape),
+    }
+    for feature in schema.feature:
+        del feature.shape.dim[:]
+        for size in shapes[feature.name]:
+            feature.shape.dim.add(size=size)
+    return schema
+
+
+# ---------------------------------------------------------------------------
+# Rejections: why a record went to dead letter.
+# ---------------------------------------------------------------------------
+class Reason:
+    """Reasons a record is rejected; the `reason` column of `dead_letter`."""
+
+    UNPARSEABLE = "unparseable"  # bytes are not a tf.train.Example
+    CORRUPT_FILE = "corrupt_file"  # TFRecord framing broken (bad CRC, truncated, not TFRecord)
+    MISSING_FEATURE = "missing_feature"  # example_id, embeddings or labels absent
+    WRONG_TYPE = "wrong_type"  # a feature holds the wrong kind of list
+    WRONG_LENGTH = "wrong_length"  # list length does not match the grid
+    NON_FINITE = "non_finite"  # NaN or Inf in a valid (label >= 0) box
+    BAD_LABEL = "bad_label"  # a label below -1
+    BAD_EXAMPLE_ID = "bad_example_id"  # example_id empty or not UTF-8
+
+    ALL = (
+        UNPARSEABLE,
+        CORRUPT_FILE,
+        MISSING_FEATURE,
+        WRONG_TYPE,
+        WRONG_LENGTH,
+        NON_FINITE,
+        BAD_LABEL,
+        BAD_EXAMPLE_ID,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Outputs: Parquet tables.
+# ---------------------------------------------------------------------------
+VECTORS_SCHEMA = pa.schema(
+    [
+        pa.field("example_id", pa.string(), nullable=False),
+        pa.field("level", pa.int32(), nullable=False),
+        pa.field("row", pa.int32(), nullable=False),
+        pa.field("col", pa.int32(), nullable=False),
+        pa.field("anchor", pa.int32(), nullable=False),
+        pa.field("label", pa.int64(), nullable=False),
+        pa.field("l2_norm", pa.float32(), nullable=False),
+        pa.field("l1_norm", pa.float32(), nullable=False),
+        pa.field("max_abs", pa.float32(), nullable=False),
+        pa.field("l2_norm_z", pa.float32(), nullable=False),
+        pa.field("l2_norm_bucket", pa.int64(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+
+# Statistics per example, in the order the loss graph returns them
+# (components.triplet_loss.STATISTIC_NAMES); the means/extremes are null where undefined.
+EXAMPLE_COUNT_COLUMNS = (
+    "n_boxes",
+    "n_identities",
+    "n_pos_pairs",
+    "n_neg_pairs",
+    "n_triplets",
+    "n_active_triplets",
+)
+EXAMPLE_STATISTIC_COLUMNS = (
+    "n_boxes",
+    "n_identities",
+    "n_pos_pairs",
+    "n_neg_pairs",
+    "pos_dist_mean",
+    "pos_dist_max",
+    "neg_dist_mean",
+    "neg_dist_min",
+    "n_triplets",
+    "n_active_triplets",
+    "triplet_loss_sum",
+    "batch_all_loss",
+    "batch_hard_loss",
+    "semi_hard_loss",
+)
+# Which count makes each float column defined: the value is null where that count is 0.
+NULL_WHEN_ZERO = {
+    "pos_dist_mean": "n_pos_pairs",
+    "pos_dist_max": "n_pos_pairs",
+    "neg_dist_mean": "n_neg_pairs",
+    "neg_dist_min": "n_neg_pairs",
+    "triplet_loss_sum": "n_triplets",
+    "batch_all_loss": "n_triplets",
+    "batch_hard_loss": "n_triplets",
+    "semi_hard_loss": "n_triplets",
+}
+
+EXAMPLES_SCHEMA = pa.schema(
+    [pa.field("example_id", pa.string(), nullable=False)]
+    + [
+        pa.field(name, pa.int64(), nullable=False)
+        if name in EXAMPLE_COUNT_COLUMNS
+        else pa.field(name, pa.float32(), nullable=True)
+        for name in EXAMPLE_STATISTIC_COLUMNS
+    ]
+)
+
+DEAD_LETTER_SCHEMA = pa.schema(
+    [
+        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string(), nullable=False),
+        pa.field("example_id", pa.string(), nullable=True),
+        pa.field("raw", pa.binary(), nullable=True),
+    ]
+)
+
+TABLE_SCHEMAS = {
+    "vectors": VECTORS_SCHEMA,
+    "examples": EXAMPLES_SCHEMA,
+    "dead_letter": DEAD_LETTER_SCHEMA,
+}
+
+# ---------------------------------------------------------------------------
+# Outputs: files and JSON documents of one run's output directory.
+# ---------------------------------------------------------------------------
+VECTORS_DIR = "vectors"
+EXAMPLES_DIR = "examples"
+DEAD_LETTER_DIR = "dead_letter"
+TRANSFORM_GRAPH_DIR = "transform_graph"
+SUMMARY_FILE = "summary.json"
+MANIFEST_FILE = "MANIFEST.json"  # written last: its presence marks a complete run
+REPORT_FILE = "report.html"
+ALERTS_FILE = "alerts.json"
+
+# Top-level keys of summary.json (see README.md for their meaning and units).
+SUMMARY_KEYS = (
+    "records_read",
+    "records_good",
+    "records_rejected",
+    "rejected_by_reason",
+    "examples",
+    "empty_examples",
+    "valid_boxes",
+    "identities",
+    "pos_pairs",
+    "neg_pairs",
+    "triplets",
+    "active_triplets",
+    "active_triplet_fraction",
+    "mean_batch_all_loss",
+    "mean_batch_hard_loss",
+    "mean_semi_hard_loss",
+    "l2_norm",
+    "histogram",
+    "roc_auc",
+    "roc_auc_error_bound",
+)
+
+# Top-level keys of MANIFEST.json.
+MANIFEST_KEYS = (
+    "tripletflow_version",
+    "input_pattern",
+    "input_files",
+    "options",
+    "versions",
+    "counts",
+    "start_time",
+    "end_time",
+)
