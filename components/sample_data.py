@@ -16,7 +16,7 @@ import numpy as np
 from schemas import contract
 
 IDENTITIES_PER_IMAGE = (2, 6)  # [min, max] identities present in one image
-NOISE_STD = 0.35  # per-component noise around an identity's unit-norm centre (centre units)
+NOISE_RATIO = 0.6  # expected norm of the noise around an identity's unit-norm centre (centre units)
 SCALE_RANGE = (0.5, 4.0)  # raw vectors are multiplied by a scale drawn from this range
 EMPTY_BOX_STD = 0.05  # std of the noise stored in empty boxes
 TOY_EXAMPLES = 2  # the seed thread feeds a batch of 2 images
@@ -60,7 +60,7 @@ def sample_arrays(options: SampleOptions):
         labels = np.full(grid.boxes, contract.EMPTY_LABEL, dtype=np.int64)
         labels[valid] = rng.choice(present, size=int(valid.sum()))
         embeddings = rng.normal(scale=EMPTY_BOX_STD, size=(grid.boxes, grid.dim))
-        noise = rng.normal(scale=NOISE_STD, size=(int(valid.sum()), grid.dim))
+        noise = rng.normal(scale=NOISE_RATIO / np.sqrt(grid.dim), size=(int(valid.sum()), grid.dim))
         scale = rng.uniform(*SCALE_RANGE, size=(int(valid.sum()), 1))
         embeddings[valid] = (centres[labels[valid]] + noise) * scale
         yield f"sample-{options.seed}-{index:06d}", embeddings.astype(np.float32), labels
