@@ -1,0 +1,239 @@
+"""Trainer executor: device strategy, deterministic training loop, checkpoints, metrics, export.
+
+One code path for every device: a `tf.distribute` strategy (mirrored over all visible GPUs
+when there are several, one GPU, or the CPU) runs a custom `tf.function` train step. Each
+epoch's shuffle is seeded by (seed, epoch) and the head's initialisation by the seed, so an
+interrupted run restored from its last checkpoint ends with the same weights as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import tensorflow as tf
+import tf_keras
+
+from components.trainer import data, metrics, model
+from components.trainer import spec as spec_lib
+from schemas import contract
+
+CHECKPOINTS_KEPT = 3
+
+
+def choose_strategy() -> tf.distribute.Strategy:
+    """Mirrored over all GPUs when there are several, else the one GPU, else the CPU."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy([gpu.name for gpu in gpus])
+    return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+
+
+def _write_json(path: str, document) -> None:
+    """Atomic write: a reader never sees half a document."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(document, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str, default=None):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_grid(stats_dirs, dim: int) -> contract.GridSpec | None:
+    """The runs' common grid from their MANIFEST options (None when a manifest does not say)."""
+    grids = set()
+    for stats_dir in stats_dirs:
+        options = data.read_manifest(stats_dir).get("options", {})
+        if "grid" not in options:
+            return None
+        grids.add(tuple(contract.GridSpec.parse(options["grid"], options.get("dim", dim)).grid_shape))
+    if len(grids) != 1:
+        raise ValueError(f"--stats runs have different grids {sorted(grids)}; train on runs of one grid")
+    return contract.GridSpec(*grids.pop(), dim=dim)
+
+
+def _check_resume(spec: spec_lib.TrainerSpec) -> None:
+    """Refuses to resume a run in `output_dir` that used other options or inputs."""
+    path = os.path.join(spec.output_dir, spec_lib.OPTIONS_FILE)
+    current = {"options": spec.options.to_json(), "stats_dirs": [os.path.abspath(p) for p in spec.stats_dirs]}
+    previous = _read_json(path)
+    if previous is not None:
+        for key in spec_lib.RESUMABLE_OPTIONS:
+            previous["options"].pop(key, None)
+        compare = {**current, "options": {k: v for k, v in current["options"].items() if k not in spec_lib.RESUMABLE_OPTIONS}}
+        if previous != compare:
+            raise ValueError(
+                f"{spec.output_dir!r} holds a run with other options or inputs ({previous}); "
+                f"use another --output or the same options"
+            )
+    _write_json(path, current)
+
+
+class Executor:
+    """Runs one TrainerSpec: `Executor(spec).run()` -> the metrics.json document."""
+
+    def __init__(self, spec: spec_lib.TrainerSpec, verbose: bool = True):
+        self.spec = spec
+        self.options = spec.options
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ data
+    def _dataset(self, split: str, dim: int, epoch: int | None):
+        o = self.options
+        return data.make_dataset(
+            self.spec.stats_dirs,
+            dim,
+            split,
+            o.validation_fraction,
+            o.batch_size,
+            shuffle_seed=None if epoch is None else data.epoch_seed(o.seed, epoch),
+            shuffle_buffer=o.shuffle_buffer,
+        )
+
+    def count_sets(self) -> dict:
+        """Sets per split, from the example_id column only (cheap): the progress bar's target."""
+        import pyarrow.parquet as pq
+
+        counts = {data.TRAIN: 0, data.VALIDATION: 0}
+        for stats_dir in self.spec.stats_dirs:
+            seen = set()
+            for path in data.vector_files(stats_dir):
+                for batch in pq.ParquetFile(path).iter_batches(columns=[data.ID_COLUMN]):
+                    seen.update(batch.column(0).to_pylist())
+            for example_id in seen:
+                split = data.VALIDATION if data.is_validation(example_id, self.options.validation_fraction) else data.TRAIN
+                counts[split] += 1
+        return counts
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict:
+        o, spec = self.options, self.spec
+        os.makedirs(spec.output_dir, exist_ok=True)
+        _check_resume(spec)
+        dim = data.embedding_dim(spec.stats_dirs)
+        grid = run_grid(spec.stats_dirs, dim)
+        if o.export and grid is None:
+            raise ValueError("the runs' MANIFEST.json options give no grid: cannot export a serving model")
+        counts = self.count_sets()
+        if counts[data.TRAIN] == 0 or counts[data.VALIDATION] == 0:
+            raise ValueError(f"empty split {counts}: add data or change --validation-fraction")
+
+        strategy = choose_strategy()
+        compute_dtype = tf.float16 if o.mixed_precision else tf.float32
+        with strategy.scope():
+            head = model.ProjectionHead(dim, dim, hidden=o.hidden, seed=o.seed, compute_dtype=compute_dtype)
+            optimizer = tf_keras.optimizers.Adam(o.learning_rate)
+            if o.mixed_precision:
+                optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
+            optimizer.build(head.trainable_variables)
+            epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        checkpoint = tf.train.Checkpoint(head=head, optimizer=optimizer, epoch=epoch_var)
+        manager = tf.train.CheckpointManager(checkpoint, spec.checkpoint_dir, max_to_keep=CHECKPOINTS_KEPT)
+        if manager.latest_checkpoint:
+            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        start_epoch = int(epoch_var.numpy())
+        history_path = os.path.join(spec.output_dir, spec_lib.HISTORY_FILE)
+        history = [h for h in _read_json(history_path, []) if h["epoch"] <= start_epoch]
+        if self.verbose and start_epoch:
+            print(f"resuming from checkpoint after epoch {start_epoch}")
+
+        train_step = self._train_step(strategy, head, optimizer)
+        status = "complete"
+        for epoch in range(start_epoch + 1, o.epochs + 1):
+            history.append(self._epoch(strategy, train_step, dim, epoch, counts[data.TRAIN]))
+            _write_json(history_path, history)  # before the checkpoint: never a checkpoint without its history
+            epoch_var.assign(epoch)
+            manager.save(checkpoint_number=epoch)
+            if o.stop_after_epoch is not None and epoch >= o.stop_after_epoch and epoch < o.epochs:
+                status = "interrupted"
+                break
+
+        document = {
+            "status": status,
+            "options": o.to_json(),
+            "stats_dirs": list(spec.stats_dirs),
+            "dim": dim,
+            "grid": grid.as_list() if grid else None,
+            "device": {"strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync},
+            "counts": {"train_examples": counts[data.TRAIN], "validation_examples": counts[data.VALIDATION]},
+            "epochs": history,
+        }
+        if status == "complete":
+            validation = self._dataset(data.VALIDATION, dim, None)
+            baseline = model.ProjectionHead(dim, identity=True)
+            document["validation"] = {
+                "baseline": metrics.evaluate(tf.function(baseline, reduce_retracing=True), validation, o.margin, o.distance),
+                "trained": metrics.evaluate(tf.function(head, reduce_retracing=True), validation, o.margin, o.distance),
+            }
+            if o.export:
+                self.export(head, grid)
+                document["saved_model"] = spec.saved_model_dir
+        _write_json(spec.metrics_path, document)
+        self.head = head
+        return document
+
+    def _train_step(self, strategy, head, optimizer):
+        o = self.options
+        replicas = strategy.num_replicas_in_sync
+
+        def step(batch):
+            with tf.GradientTape() as tape:
+                out = head(batch["embeddings"])
+                loss = model.training_loss(
+                    out, batch["labels"], mining=o.mining, margin=o.margin, distance=o.distance, pair_scope=o.pair_scope
+                )
+                scaled = loss / replicas
+                if o.mixed_precision:
+                    scaled = optimizer.get_scaled_loss(scaled)
+            grads = tape.gradient(scaled, head.trainable_variables)
+            if o.mixed_precision:
+                grads = optimizer.get_unscaled_gradients(grads)
+            optimizer.apply_gradients(zip(grads, head.trainable_variables))
+            return loss / replicas
+
+        @tf.function(reduce_retracing=True)
+        def train_step(batch):
+            per_replica = strategy.run(step, args=(batch,))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+        return train_step
+
+    def _epoch(self, strategy, train_step, dim: int, epoch: int, n_sets: int) -> dict:
+        o = self.options
+        dataset = strategy.experimental_distribute_dataset(self._dataset(data.TRAIN, dim, epoch))
+        steps_target = -(-n_sets // o.batch_size)
+        progbar = tf_keras.utils.Progbar(steps_target, verbose=1 if self.verbose else 0, unit_name="step")
+        if self.verbose:
+            print(f"epoch {epoch}/{o.epochs}")
+        start = time.perf_counter()
+        total, steps = 0.0, 0
+        for batch in dataset:
+            loss = float(train_step(batch))
+            total += loss
+            steps += 1
+            progbar.update(steps, [("loss", loss)])
+        seconds = time.perf_counter() - start
+        return {
+            "epoch": epoch,
+            "loss": total / steps if steps else None,
+            "steps": steps,
+            "examples": n_sets,
+            "seconds": seconds,
+            "examples_per_second": n_sets / seconds if seconds > 0 else None,
+        }
+
+    def export(self, head, grid: contract.GridSpec) -> str:
+        """SavedModel: raw embeddings -> first run's transform graph -> head (see model.ServingModule)."""
+        import tensorflow_transform as tft
+
+        tft_output = tft.TFTransformOutput(os.path.join(self.spec.stats_dirs[0], contract.TRANSFORM_GRAPH_DIR))
+        serving = model.ServingModule(head, tft_output, grid)
+        serving.save(self.spec.saved_model_dir)
+        return self.spec.saved_model_dir

@@ -1,0 +1,116 @@
+"""Validation figures of a head on padded sets: mean triplet losses, ROC AUC, recall@1.
+
+Per image (the statistics' convention): the losses are the loss graph's per-set values
+averaged over sets having a triplet; ROC AUC is P(negative pair distance > positive pair
+distance) (ties count 1/2) from fixed-bin histograms, so memory stays bounded, with the
+largest error the binning can cause; recall@1 is the fraction of valid boxes (with at least
+one other valid box in their set) whose nearest other valid box has the same label.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from components import triplet_loss
+
+AUC_BINS = 4096  # histogram bins over [0, max_distance] for the ROC AUC
+LOSS_FIGURES = ("batch_all_loss", "batch_hard_loss", "semi_hard_loss")
+
+
+def _upper_pairs(labels):
+    """Boolean [b, n, n] masks of unordered valid pairs (i < j) with equal / different labels."""
+    valid = labels >= 0
+    n = tf.shape(labels)[1]
+    idx = tf.range(n)
+    upper = (idx[:, None] < idx[None, :])[None]
+    both = tf.logical_and(tf.logical_and(valid[:, :, None], valid[:, None, :]), upper)
+    same = tf.equal(labels[:, :, None], labels[:, None, :])
+    return tf.logical_and(both, same), tf.logical_and(both, tf.logical_not(same))
+
+
+def make_batch_figures(margin: float, distance: str):
+    """A tf.function: (embeddings [b, n, d], labels [b, n]) -> dict of per-batch sums and histograms."""
+    top = triplet_loss.max_distance(distance, True)
+
+    @tf.function(reduce_retracing=True)
+    def batch_figures(embeddings, labels):
+        labels = tf.cast(labels, tf.int64)
+        stats = triplet_loss.triplet_statistics(embeddings, labels, margin=margin, distance=distance, normalize=True)
+        has_triplet = stats["n_triplets"] > 0
+        out = {"examples": tf.size(has_triplet, tf.int64), "examples_with_triplets": tf.reduce_sum(tf.cast(has_triplet, tf.int64))}
+        for name in LOSS_FIGURES:
+            out[name] = tf.reduce_sum(tf.where(has_triplet, stats[name], 0.0))
+        dist = triplet_loss.pairwise_distances(embeddings, distance, normalize=True)
+        pos, neg = _upper_pairs(labels)
+        out["pos_hist"] = tf.histogram_fixed_width(tf.boolean_mask(dist, pos), [0.0, top], nbins=AUC_BINS, dtype=tf.int64)
+        out["neg_hist"] = tf.histogram_fixed_width(tf.boolean_mask(dist, neg), [0.0, top], nbins=AUC_BINS, dtype=tf.int64)
+        # recall@1: nearest other valid box (ties: lowest index).
+        valid = labels >= 0
+        n = tf.shape(labels)[1]
+        other = tf.logical_and(tf.logical_and(valid[:, :, None], valid[:, None, :]), tf.logical_not(tf.eye(n, dtype=tf.bool))[None])
+        masked = tf.where(other, dist, tf.fill(tf.shape(dist), np.inf))
+        nearest = tf.argmin(masked, axis=-1)
+        hit = tf.equal(tf.gather(labels, nearest, batch_dims=1), labels)
+        has_other = tf.reduce_any(other, axis=-1)
+        out["recall_boxes"] = tf.reduce_sum(tf.cast(has_other, tf.int64))
+        out["recall_hits"] = tf.reduce_sum(tf.cast(tf.logical_and(has_other, hit), tf.int64))
+        return out
+
+    return batch_figures
+
+
+def auc_from_histograms(pos_hist: np.ndarray, neg_hist: np.ndarray):
+    """(P(neg > pos) + P(tie)/2 over fixed bins, largest binning error); (None, None) without pairs."""
+    pos_hist = np.asarray(pos_hist, np.float64)
+    neg_hist = np.asarray(neg_hist, np.float64)
+    total = pos_hist.sum() * neg_hist.sum()
+    if total == 0:
+        return None, None
+    pos_below = np.concatenate([[0.0], np.cumsum(pos_hist)[:-1]])
+    auc = float(np.sum(neg_hist * (pos_below + 0.5 * pos_hist)) / total)
+    bound = float(0.5 * np.sum(neg_hist * pos_hist) / total)
+    return auc, bound
+
+
+class ValidationFigures:
+    """Accumulates figures over batches of head outputs; `result()` gives the JSON document."""
+
+    def __init__(self, margin: float, distance: str):
+        self._fn = make_batch_figures(margin, distance)
+        self._sums = None
+
+    def update(self, embeddings, labels):
+        values = {k: v.numpy() for k, v in self._fn(embeddings, labels).items()}
+        if self._sums is None:
+            self._sums = values
+        else:
+            for key, value in values.items():
+                self._sums[key] = self._sums[key] + value
+
+    def result(self) -> dict:
+        s = self._sums
+        if s is None:
+            raise ValueError("no validation sets: raise --validation-fraction or add data")
+        with_triplets = int(s["examples_with_triplets"])
+        out = {"examples": int(s["examples"]), "examples_with_triplets": with_triplets}
+        for name in LOSS_FIGURES:
+            out[f"mean_{name}"] = float(s[name]) / with_triplets if with_triplets else None
+        auc, bound = auc_from_histograms(s["pos_hist"], s["neg_hist"])
+        out.update(
+            pos_pairs=int(s["pos_hist"].sum()),
+            neg_pairs=int(s["neg_hist"].sum()),
+            roc_auc=auc,
+            roc_auc_error_bound=bound,
+            recall_boxes=int(s["recall_boxes"]),
+            recall_at_1=int(s["recall_hits"]) / int(s["recall_boxes"]) if s["recall_boxes"] else None,
+        )
+        return out
+
+
+def evaluate(head, dataset, margin: float, distance: str) -> dict:
+    """Validation figures of `head` (a callable [b, n, dim] -> normalized) over a padded dataset."""
+    figures = ValidationFigures(margin, distance)
+    for batch in dataset:
+        figures.update(head(batch["embeddings"]), batch["labels"])
+    return figures.result()
