@@ -1,0 +1,190 @@
+"""Assembles report.html and alerts.json for one run's output directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import numpy as np
+import pyarrow.compute as pc
+
+from components.report import alerts as alerts_lib
+from components.report import figures, html, history as history_lib, trainer_metrics
+from components.report.run_data import RunData, finite_or_none, load_run
+from schemas import contract
+
+WORST_EXAMPLES = 10  # rows of the worst-examples table
+WORST_BY = "batch_all_loss"  # the loss the worst examples are ranked by
+FILE_MODE = 0o666  # permissions of the written files before the umask, as open() gives
+
+# summary.json keys shown as headline figures, with their labels (rejections by reason are
+# added after records_rejected).
+HEADLINE = (
+    ("records_read", "Records in"),
+    ("records_good", "Records good"),
+    ("records_rejected", "Records rejected"),
+    ("examples", "Examples"),
+    ("empty_examples", "Empty examples (no valid box)"),
+    ("valid_boxes", "Valid boxes"),
+    ("identities", "Identities"),
+    ("roc_auc", "ROC AUC (negative farther than positive)"),
+    ("roc_auc_error_bound", "ROC AUC binning error bound"),
+    ("mean_batch_all_loss", "Mean batch-all loss"),
+    ("mean_batch_hard_loss", "Mean batch-hard loss"),
+    ("mean_semi_hard_loss", "Mean semi-hard loss"),
+    ("active_triplet_fraction", "Active-triplet fraction"),
+    ("triplets", "Triplets"),
+    ("pos_pairs", "Positive pairs"),
+    ("neg_pairs", "Negative pairs"),
+)
+NORM_STATS = ("mean", "std", "min", "max")
+TREND_PANELS = {
+    "ROC AUC": ("roc_auc",),
+    "Mean losses": ("mean_batch_all_loss", "mean_batch_hard_loss", "mean_semi_hard_loss"),
+    "Mean raw L2 norm": ("mean_norm",),
+    "Rejection rate": ("rejection_rate",),
+}
+
+
+def _number(value):
+    """JSON numbers as int/float for display (None stays None)."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value
+    return finite_or_none(value)
+
+
+def mean_negative_distance(run: RunData) -> float | None:
+    """Mean distance over all negative pairs: per-example means weighted by their pair counts."""
+    counts = run.examples.column("n_neg_pairs").to_numpy(zero_copy_only=False).astype(np.float64)
+    means = run.examples.column("neg_dist_mean").fill_null(0.0).to_numpy(zero_copy_only=False).astype(np.float64)
+    total = counts.sum()
+    return float((counts * means).sum() / total) if total else None
+
+
+def headline_rows(summary: dict) -> list:
+    rows = []
+    for key, label in HEADLINE:
+        rows.append((key, [label, _number(summary.get(key))]))
+        if key == "records_rejected":
+            for reason, count in sorted((summary.get("rejected_by_reason") or {}).items()):
+                rows.append((f"rejected_by_reason.{reason}", [f"Rejected: {reason}", _number(count)]))
+    return rows
+
+
+def worst_examples_rows(run: RunData) -> list:
+    table = run.examples.filter(pc.is_valid(run.examples.column(WORST_BY)))
+    if table.num_rows == 0:
+        return []
+    order = pc.sort_indices(table, sort_keys=[(WORST_BY, "descending"), ("example_id", "ascending")])
+    top = table.take(order[:WORST_EXAMPLES]).to_pylist()
+    return [(None, [row["example_id"], row["n_boxes"], row["n_triplets"], row["n_active_triplets"],
+                    _number(row["batch_all_loss"]), _number(row["batch_hard_loss"]),
+                    _number(row["semi_hard_loss"])]) for row in top]
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Writes to a temporary file beside `path`, then renames: readers never see half a file."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)  # FILE_MODE less the umask
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _trainer_section(run: RunData) -> str:
+    curves, groups = trainer_metrics.extract(run.trainer_metrics or {})
+    parts = [f'<p class="meta">from {html.esc(run.model_dir)}</p>']
+    losses = {name: values for name, values in curves.items() if trainer_metrics.is_loss_curve(name)}
+    others = {name: values for name, values in curves.items() if name not in losses}
+    if losses:
+        parts.append(html.image(figures.curves(losses, "Trainer loss per epoch", "epoch", "loss"), "trainer loss curve"))
+    if others:
+        parts.append(html.image(figures.curves(others, "Trainer figures per epoch", "epoch", "value"),
+                                "trainer figures per epoch"))
+    if groups:
+        names = sorted({name for group in groups.values() for name in group})
+        rows = [(f"model.{name}", [name] + [groups[g].get(name) for g in groups]) for name in names]
+        parts.append(html.table("model-figures", ["figure", *groups], rows))
+    if not (curves or groups):
+        parts.append("<p>metrics.json holds no numeric figures.</p>")
+    return "\n".join(parts)
+
+
+def _history_section(history: history_lib.History, current_date: str | None, current: dict) -> str:
+    runs = history.runs + [{"date": current_date or "this run", **current}]
+    dates = [run["date"] for run in runs]
+    panels = {title: {key: [run.get(key) for run in runs] for key in keys} for title, keys in TREND_PANELS.items()}
+    parts = [html.image(figures.trends(dates, panels), "trends over earlier runs")]
+    rows = [(None, [run["date"], run.get("records_read"), run.get("rejection_rate"), run.get("roc_auc"),
+                    run.get("mean_batch_all_loss"), run.get("mean_norm")]) for run in runs]
+    parts.append(html.table("history-runs", ["date", "records in", "rejection rate", "ROC AUC",
+                                             "mean batch-all loss", "mean L2 norm"], rows))
+    if history.skipped:
+        items = "".join(f"<li>{html.esc(s)}</li>" for s in history.skipped)
+        parts.append(f"<p>Partitions left out:</p><ul>{items}</ul>")
+    return "\n".join(parts)
+
+
+def generate_report(output_dir: str, history_root: str | None = None, thresholds=None,
+                    model_dir: str | None = None) -> list[dict]:
+    """Writes `report.html` and `alerts.json` into a finished run's `output_dir`; returns the alerts.
+
+    `thresholds`: None (defaults), a `Thresholds`, a {name: value} dict or ["NAME=VALUE"];
+    `history_root`: root of `date=YYYY-MM-DD` partitions of earlier runs (trends, AUC drop);
+    `model_dir`: a trainer output (default: `<output_dir>/model/` when it holds metrics.json).
+    """
+    limits = alerts_lib.as_thresholds(thresholds)
+    run = load_run(output_dir, model_dir)
+    summary = run.summary
+    date = history_lib.run_date(output_dir, run.manifest)
+    history = history_lib.load_history(history_root, output_dir, date) if history_root else None
+    current = alerts_lib.run_figures(summary, mean_negative_distance(run))
+    found = alerts_lib.check(current, history.runs if history else [], limits)
+
+    l2 = run.vectors.column("l2_norm").to_numpy(zero_copy_only=False)
+    l2_z = run.vectors.column("l2_norm_z").to_numpy(zero_copy_only=False)
+    level = run.vectors.column("level").to_numpy(zero_copy_only=False)
+    anchor = run.vectors.column("anchor").to_numpy(zero_copy_only=False)
+    norm_summary = summary.get("l2_norm") or {}
+    sections = [
+        ("alerts-section", "", html.alerts_block(found)),
+        ("headline-section", "Headline figures", html.table("headline", ["figure", "value"], headline_rows(summary))),
+        ("distances-section", "Pair distances",
+         html.image(figures.pair_distance_histogram(summary.get("histogram") or {}), "pair distance histograms")),
+        ("norms-section", "Vector norms",
+         html.table("norm-stats", ["statistic", "raw L2 norm"],
+                    [(f"l2_norm.{k}", [k, _number(norm_summary.get(k))]) for k in NORM_STATS])
+         + html.image(figures.norm_distributions(l2, l2_z), "norm distributions")
+         + html.image(figures.norms_by_position(l2, level, anchor), "norms per level and anchor")),
+        ("worst-section", f"Worst examples (highest {WORST_BY.replace('_', ' ')})",
+         html.table("worst-examples", ["example id", "valid boxes", "triplets", "active triplets",
+                                       "batch-all loss", "batch-hard loss", "semi-hard loss"],
+                    worst_examples_rows(run)) if run.examples.num_rows else "<p>No examples.</p>"),
+    ]
+    if run.trainer_metrics is not None:
+        sections.append(("model-section", "Trainer", _trainer_section(run)))
+    if history is not None:
+        sections.append(("history-section", f"History ({len(history.runs)} earlier runs)",
+                         _history_section(history, date, current)))
+    options = run.manifest.get("options") or {}
+    meta = html.esc(f"{os.path.abspath(output_dir)} · input {run.manifest.get('input_pattern', '?')} · "
+                    f"{run.manifest.get('start_time', '?')} – {run.manifest.get('end_time', '?')} · "
+                    f"distance {options.get('distance', (summary.get('histogram') or {}).get('distance', '?'))}")
+    document = html.page(f"tripletflow report{' ' + date if date else ''}", meta, sections)
+
+    alerts_doc = {
+        "alerts": found,
+        "thresholds": limits.to_json(),
+        "compared_with": [run_["date"] for run_ in history.runs] if history else [],
+    }
+    write_atomically(os.path.join(output_dir, contract.ALERTS_FILE), json.dumps(alerts_doc, indent=2) + "\n")
+    write_atomically(os.path.join(output_dir, contract.REPORT_FILE), document)
+    return found

@@ -1,0 +1,112 @@
+"""Reads one run's output directory (the data contract in schemas/) for the report.
+
+Only the columns the report plots are read from Parquet (never the `embedding` lists), so
+a report over millions of boxes stays cheap.  Missing tables read as empty ones with the
+contract's schema, so a run with no valid box still gets a report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import contract
+
+# Columns of `vectors` the report needs: position in the grid, identity, raw and z-scored norm.
+VECTOR_COLUMNS = ("example_id", "level", "anchor", "label", "l2_norm", "l2_norm_z")
+EXAMPLE_COLUMNS = ("example_id", "n_boxes", "n_neg_pairs", "n_triplets", "n_active_triplets", "pos_dist_mean",
+                   "neg_dist_mean", "batch_all_loss", "batch_hard_loss", "semi_hard_loss")
+
+# The trainer writes this file under its --output (components.trainer.spec.METRICS_FILE; not
+# imported from there because that module loads TensorFlow, which the report does not need).
+TRAINER_METRICS_FILE = "metrics.json"
+MODEL_SUBDIR = "model"  # a trainer output directory placed inside the run's output
+
+
+class RunDataError(ValueError):
+    """The directory is not a (complete) EmbeddingStats run output."""
+
+
+@dataclasses.dataclass
+class RunData:
+    """Everything the report shows about one run."""
+
+    output_dir: str
+    summary: dict
+    manifest: dict
+    vectors: pa.Table  # VECTOR_COLUMNS, one row per valid box
+    examples: pa.Table  # EXAMPLE_COLUMNS, one row per good record
+    model_dir: str | None = None
+    trainer_metrics: dict | None = None
+
+
+def read_json(path: str) -> dict:
+    """Reads a JSON object; raises RunDataError naming the file when missing or malformed."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise RunDataError(f"{path} not found") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise RunDataError(f"{path} is not readable JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise RunDataError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_table(directory: str, schema: pa.Schema, columns) -> pa.Table:
+    """Reads `columns` of every Parquet file under `directory` (empty table when none)."""
+    files = sorted(glob.glob(os.path.join(directory, "*.parquet")))
+    wanted = pa.schema([schema.field(name) for name in columns])
+    if not files:
+        return wanted.empty_table()
+    tables = [pq.read_table(path, columns=list(columns)) for path in files]
+    return pa.concat_tables([table.cast(wanted) for table in tables])
+
+
+def find_model_dir(output_dir: str, model_dir: str | None = None) -> str | None:
+    """The trainer output beside the run: `model_dir` if given, else `<output>/model/` if it has metrics."""
+    if model_dir:
+        return model_dir
+    candidate = os.path.join(output_dir, MODEL_SUBDIR)
+    if os.path.isfile(os.path.join(candidate, TRAINER_METRICS_FILE)):
+        return candidate
+    return None
+
+
+def load_run(output_dir: str, model_dir: str | None = None) -> RunData:
+    """Loads a finished run (MANIFEST.json present) and the trainer metrics beside it, if any."""
+    if not os.path.isdir(output_dir):
+        raise RunDataError(f"run output {output_dir!r} is not a directory")
+    manifest_path = os.path.join(output_dir, contract.MANIFEST_FILE)
+    if not os.path.isfile(manifest_path):
+        raise RunDataError(f"{output_dir} has no {contract.MANIFEST_FILE}: the run did not finish")
+    manifest = read_json(manifest_path)
+    summary = read_json(os.path.join(output_dir, contract.SUMMARY_FILE))
+    missing = [key for key in contract.SUMMARY_KEYS if key not in summary]
+    if missing:
+        raise RunDataError(f"{contract.SUMMARY_FILE} in {output_dir} lacks keys {missing}")
+    vectors = read_table(os.path.join(output_dir, contract.VECTORS_DIR), contract.VECTORS_SCHEMA, VECTOR_COLUMNS)
+    examples = read_table(os.path.join(output_dir, contract.EXAMPLES_DIR), contract.EXAMPLES_SCHEMA,
+                          EXAMPLE_COLUMNS)
+    model = find_model_dir(output_dir, model_dir)
+    metrics = None
+    if model is not None:
+        path = os.path.join(model, TRAINER_METRICS_FILE)
+        if not os.path.isfile(path):
+            raise RunDataError(f"--model {model!r} has no {TRAINER_METRICS_FILE}")
+        metrics = read_json(path)
+    return RunData(output_dir, summary, manifest, vectors, examples, model, metrics)
+
+
+def finite_or_none(value):
+    """A float when `value` is a finite number, else None (JSON null, NaN and text all read as None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None

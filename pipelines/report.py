@@ -1,0 +1,48 @@
+"""`tripletflow report`: write report.html and alerts.json for a finished run's output.
+
+Exit codes: 0 (written, no alert or no --fail-on-alert), ALERT_EXIT_CODE (alerts with
+--fail-on-alert), 2 (bad arguments or not a finished run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from schemas import contract
+
+USAGE_ERROR = 2
+
+
+def parse_args(argv):
+    from components.report import threshold_names
+
+    parser = argparse.ArgumentParser(prog="tripletflow report", description=__doc__)
+    parser.add_argument("--output", required=True, help="a run's output directory (holds MANIFEST.json)")
+    parser.add_argument("--history", default=None,
+                        help="root of date=YYYY-MM-DD partitions of earlier runs, for trends and AUC-drop alerts")
+    parser.add_argument("--model", default=None,
+                        help="a trainer output directory (default: OUTPUT/model when it holds metrics.json)")
+    parser.add_argument("--fail-on-alert", action="store_true",
+                        help="exit with a distinct non-zero code when any alert fires")
+    parser.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                        help=f"override an alert threshold (repeatable); names: {', '.join(threshold_names())}")
+    return parser.parse_args(argv)
+
+
+def run(argv=None) -> int:
+    from components.report import ALERT_EXIT_CODE, RunDataError, generate_report, parse_overrides
+
+    args = parse_args(argv)
+    try:
+        thresholds = parse_overrides(args.threshold)
+        alerts = generate_report(args.output, history_root=args.history, thresholds=thresholds,
+                                 model_dir=args.model)
+    except (RunDataError, ValueError) as error:
+        print(f"tripletflow report: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    print(f"wrote {os.path.join(args.output, contract.REPORT_FILE)} and {contract.ALERTS_FILE}: {len(alerts)} alert(s)")
+    for alert in alerts:
+        print(f"  ALERT {alert['name']} ({alert['basis']}): {alert['message']}", file=sys.stderr)
+    return ALERT_EXIT_CODE if alerts and args.fail_on_alert else 0
