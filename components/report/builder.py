@@ -16,6 +16,7 @@ from schemas import contract
 
 WORST_EXAMPLES = 10  # rows of the worst-examples table
 WORST_BY = "batch_all_loss"  # the loss the worst examples are ranked by
+WORST_BY_LABEL = "batch-all loss"
 FILE_MODE = 0o666  # permissions of the written files before the umask, as open() gives
 
 # summary.json keys shown as headline figures, with their labels (rejections by reason are
@@ -100,21 +101,30 @@ def write_atomically(path: str, text: str) -> None:
 
 
 def _trainer_section(run: RunData) -> str:
-    curves, groups = trainer_metrics.extract(run.trainer_metrics or {})
-    parts = [f'<p class="meta">from {html.esc(run.model_dir)}</p>']
-    losses = {name: values for name, values in curves.items() if trainer_metrics.is_loss_curve(name)}
-    others = {name: values for name, values in curves.items() if name not in losses}
+    metrics = run.trainer_metrics or {}
+    state = trainer_metrics.status(metrics)
+    parts = [f'<p class="meta">from {html.esc(run.model_dir)}{" · status " + html.esc(state) if state else ""}</p>']
+    losses = trainer_metrics.loss_curves(metrics)
     if losses:
-        parts.append(html.image(figures.curves(losses, "Trainer loss per epoch", "epoch", "loss"), "trainer loss curve"))
-    if others:
-        parts.append(html.image(figures.curves(others, "Trainer figures per epoch", "epoch", "value"),
-                                "trainer figures per epoch"))
+        parts.append(html.image(figures.curves(losses, "Trainer loss per epoch", "epoch", "training loss"),
+                                "trainer loss curve"))
+    groups = trainer_metrics.validation_groups(metrics)
     if groups:
-        names = sorted({name for group in groups.values() for name in group})
-        rows = [(f"model.{name}", [name] + [groups[g].get(name) for g in groups]) for name in names]
-        parts.append(html.table("model-figures", ["figure", *groups], rows))
-    if not (curves or groups):
-        parts.append("<p>metrics.json holds no numeric figures.</p>")
+        heads = list(groups)
+        compare = trainer_metrics.BASELINE in groups and trainer_metrics.TRAINED in groups
+        names = list(dict.fromkeys(name for group in groups.values() for name in group))
+        rows = []
+        for name in names:
+            cells = [groups[head].get(name) for head in heads]
+            if compare:
+                before, after = groups[trainer_metrics.BASELINE].get(name), groups[trainer_metrics.TRAINED].get(name)
+                cells.append(after - before if before is not None and after is not None else None)
+            rows.append((f"model.{name}", [name, *cells]))
+        header = ["validation figure", *heads] + ([f"{trainer_metrics.TRAINED} - {trainer_metrics.BASELINE}"]
+                                                  if compare else [])
+        parts.append(html.table("model-figures", header, rows))
+    if not (losses or groups):
+        parts.append("<p>The trainer's metrics.json holds no loss curve or validation figures.</p>")
     return "\n".join(parts)
 
 
@@ -164,7 +174,7 @@ def generate_report(output_dir: str, history_root: str | None = None, thresholds
                     [(f"l2_norm.{k}", [k, _number(norm_summary.get(k))]) for k in NORM_STATS])
          + html.image(figures.norm_distributions(l2, l2_z), "norm distributions")
          + html.image(figures.norms_by_position(l2, level, anchor), "norms per level and anchor")),
-        ("worst-section", f"Worst examples (highest {WORST_BY.replace('_', ' ')})",
+        ("worst-section", f"Worst examples (highest {WORST_BY_LABEL})",
          html.table("worst-examples", ["example id", "valid boxes", "triplets", "active triplets",
                                        "batch-all loss", "batch-hard loss", "semi-hard loss"],
                     worst_examples_rows(run)) if run.examples.num_rows else "<p>No examples.</p>"),

@@ -11,6 +11,7 @@ import io
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 100  # pixels per inch of the PNGs
 WIDE = (10.0, 3.6)  # inches, a full-width row of panels
@@ -110,6 +111,7 @@ def curves(series: dict[str, list[float]], title: str, xlabel: str, ylabel: str)
             ax.plot(np.arange(1, len(values) + 1), values, marker="o", label=name)
             drawn = True
     if drawn:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

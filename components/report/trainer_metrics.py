@@ -1,50 +1,50 @@
-"""Reads a trainer's metrics.json defensively: curves (per-epoch lists) and figure groups.
+"""Reads a trainer's metrics.json (components/trainer/executor.py) defensively.
 
-The layout is the trainer's (components/trainer/), so nothing here insists on exact keys:
-* a curve is a list of numbers, or a list of per-epoch objects whose numeric fields become
-  curves (e.g. `{"epochs": [{"loss": ..., "val_loss": ...}, ...]}`);
-* a figure group is an object of scalars (e.g. `validation.baseline`, `validation.trained`);
-  groups are shown side by side, one column each, one row per figure name.
-Anything else (strings, options) is left out of the plots.
+Layout used: `epochs` (a list of per-epoch objects, e.g. `{"epoch", "loss", "seconds", ...}`),
+`validation` (objects of scalar figures per head, e.g. `baseline` and `trained`), `status`.
+Missing or malformed parts are simply left out of the report, never fatal: a report must
+not fail because a model beside the run is odd.
 """
 
 from __future__ import annotations
 
 from components.report.run_data import finite_or_none
 
-MAX_DEPTH = 4  # nesting levels searched
+EPOCHS_KEY = "epochs"
+VALIDATION_KEY = "validation"
+STATUS_KEY = "status"
+LOSS_MARK = "loss"  # per-epoch fields whose name holds this are plotted as loss curves
+BASELINE, TRAINED = "baseline", "trained"
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def extract(metrics: dict) -> tuple[dict[str, list], dict[str, dict]]:
-    """(curves {path: [float|None]}, groups {path: {name: number|None}}) found in `metrics`."""
-    curves: dict[str, list] = {}
-    groups: dict[str, dict] = {}
-
-    def walk(value, path, depth):
-        if depth > MAX_DEPTH:
-            return
-        if isinstance(value, list) and value:
-            if all(_is_number(item) or item is None for item in value):
-                curves[path or "value"] = [finite_or_none(item) for item in value]
-            elif all(isinstance(item, dict) for item in value):
-                names = sorted({k for item in value for k, v in item.items() if _is_number(v)})
-                for name in names:
-                    curves[f"{path}.{name}" if path else name] = [finite_or_none(item.get(name)) for item in value]
-        elif isinstance(value, dict):
-            scalars = {k: finite_or_none(v) for k, v in value.items() if _is_number(v) or v is None}
-            if scalars:
-                groups[path or "metrics"] = scalars
-            for key, item in value.items():
-                if isinstance(item, (dict, list)):
-                    walk(item, f"{path}.{key}" if path else str(key), depth + 1)
-
-    walk(metrics, "", 0)
-    return curves, groups
+def loss_curves(metrics: dict) -> dict[str, list]:
+    """{field: [value per epoch]} of the numeric per-epoch fields named like a loss."""
+    epochs = metrics.get(EPOCHS_KEY)
+    if not isinstance(epochs, list):
+        return {}
+    epochs = [item for item in epochs if isinstance(item, dict)]
+    names = sorted({k for item in epochs for k, v in item.items() if LOSS_MARK in k.lower() and _is_number(v)})
+    return {name: [finite_or_none(item.get(name)) for item in epochs] for name in names}
 
 
-def is_loss_curve(name: str) -> bool:
-    return "loss" in name.lower()
+def validation_groups(metrics: dict) -> dict[str, dict]:
+    """{head: {figure: number or None}} from `validation`, baseline first, then trained, then others."""
+    validation = metrics.get(VALIDATION_KEY)
+    if not isinstance(validation, dict):
+        return {}
+    groups = {
+        head: {k: finite_or_none(v) for k, v in figures.items() if _is_number(v) or v is None}
+        for head, figures in validation.items()
+        if isinstance(figures, dict)
+    }
+    order = [h for h in (BASELINE, TRAINED) if h in groups] + sorted(h for h in groups if h not in (BASELINE, TRAINED))
+    return {head: groups[head] for head in order}
+
+
+def status(metrics: dict) -> str | None:
+    value = metrics.get(STATUS_KEY)
+    return value if isinstance(value, str) else None
