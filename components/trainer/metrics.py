@@ -41,12 +41,13 @@ def make_batch_figures(margin: float, distance: str):
         out = {"examples": tf.size(has_triplet, tf.int64), "examples_with_triplets": tf.reduce_sum(tf.cast(has_triplet, tf.int64))}
         for name in LOSS_FIGURES:
             out[name] = tf.reduce_sum(tf.where(has_triplet, stats[name], 0.0))
-        dist = triplet_loss.pairwise_distances(embeddings, distance, normalize=True)
+        valid = labels >= 0
+        clean = tf.where(valid[..., None], embeddings, tf.zeros_like(embeddings))  # padding values never read
+        dist = triplet_loss.pairwise_distances(clean, distance, normalize=True)
         pos, neg = _upper_pairs(labels)
         out["pos_hist"] = tf.histogram_fixed_width(tf.boolean_mask(dist, pos), [0.0, top], nbins=AUC_BINS, dtype=tf.int64)
         out["neg_hist"] = tf.histogram_fixed_width(tf.boolean_mask(dist, neg), [0.0, top], nbins=AUC_BINS, dtype=tf.int64)
         # recall@1: nearest other valid box (ties: lowest index).
-        valid = labels >= 0
         n = tf.shape(labels)[1]
         other = tf.logical_and(tf.logical_and(valid[:, :, None], valid[:, None, :]), tf.logical_not(tf.eye(n, dtype=tf.bool))[None])
         masked = tf.where(other, dist, tf.fill(tf.shape(dist), np.inf))
