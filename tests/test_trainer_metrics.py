@@ -21,6 +21,7 @@ def _reference(sets, margin):
     losses = {name: [] for name in metrics.LOSS_FIGURES}
     pos, neg = [], []
     hits = boxes = 0
+    all_hinges = []
     for emb, lab in sets:
         v = lab >= 0
         x, y = emb[v].astype(np.float64), lab[v]
@@ -46,12 +47,13 @@ def _reference(sets, margin):
                     farther = [d[a, m] for m in ns if d[a, m] > d[a, p]]
                     chosen = min(farther) if farther else max(d[a, ns])
                     semi.append(max(0.0, d[a, p] - chosen + margin))
+        all_hinges += [max(0.0, h) for h in hinges]
         if hinges:
             active = [h for h in hinges if h > 0]
             losses["batch_all_loss"].append(np.mean(active) if active else 0.0)
             losses["batch_hard_loss"].append(np.mean(hard))
             losses["semi_hard_loss"].append(np.mean(semi))
-    return losses, np.array(pos), np.array(neg), hits / boxes
+    return losses, np.array(pos), np.array(neg), hits / boxes, all_hinges
 
 
 def _padded_sets(rng, n_sets, max_boxes, dim, identities):
@@ -73,11 +75,14 @@ def test_figures_match_brute_force_reference():
         figures.update(emb[start : start + 4], lab[start : start + 4])
     result = figures.result()
 
-    losses, pos, neg, recall = _reference(list(zip(emb, lab)), MARGIN)
+    losses, pos, neg, recall, hinges = _reference(list(zip(emb, lab)), MARGIN)
     assert result["examples"] == len(emb)
     assert result["examples_with_triplets"] == len(losses["batch_all_loss"]) == 7
     for name in metrics.LOSS_FIGURES:
         assert result[f"mean_{name}"] == pytest.approx(np.mean(losses[name]), abs=1e-5)
+    assert result["triplets"] == len(hinges)
+    assert result["mean_triplet_hinge"] == pytest.approx(np.mean(hinges), abs=1e-5)
+    assert result["active_triplet_fraction"] == pytest.approx(np.mean(np.array(hinges) > 0))
     assert (result["pos_pairs"], result["neg_pairs"]) == (len(pos), len(neg))
     reference_auc = roc_auc_score(np.r_[np.zeros(len(pos)), np.ones(len(neg))], np.r_[pos, neg])
     assert 0.0 <= result["roc_auc_error_bound"] < 0.01

@@ -1,7 +1,7 @@
 """Validation figures of a head on padded sets: mean triplet losses, ROC AUC, recall@1.
 
 Per image (the statistics' convention): the losses are the loss graph's per-set values
-averaged over sets having a triplet; ROC AUC is P(negative pair distance > positive pair
+averaged over sets having a triplet, plus the mean hinge over all triplets; ROC AUC is P(negative pair distance > positive pair
 distance) (ties count 1/2) from fixed-bin histograms, so memory stays bounded, with the
 largest error the binning can cause; recall@1 is the fraction of valid boxes (with at least
 one other valid box in their set) whose nearest other valid box has the same label.
@@ -41,6 +41,9 @@ def make_batch_figures(margin: float, distance: str):
         out = {"examples": tf.size(has_triplet, tf.int64), "examples_with_triplets": tf.reduce_sum(tf.cast(has_triplet, tf.int64))}
         for name in LOSS_FIGURES:
             out[name] = tf.reduce_sum(tf.where(has_triplet, stats[name], 0.0))
+        out["triplet_loss_sum"] = tf.reduce_sum(tf.cast(stats["triplet_loss_sum"], tf.float64))
+        out["n_triplets"] = tf.reduce_sum(stats["n_triplets"])
+        out["n_active_triplets"] = tf.reduce_sum(stats["n_active_triplets"])
         valid = labels >= 0
         clean = tf.where(valid[..., None], embeddings, tf.zeros_like(embeddings))  # padding values never read
         dist = triplet_loss.pairwise_distances(clean, distance, normalize=True)
@@ -97,6 +100,12 @@ class ValidationFigures:
         out = {"examples": int(s["examples"]), "examples_with_triplets": with_triplets}
         for name in LOSS_FIGURES:
             out[f"mean_{name}"] = float(s[name]) / with_triplets if with_triplets else None
+        triplets = int(s["n_triplets"])
+        out["triplets"] = triplets
+        out["active_triplet_fraction"] = int(s["n_active_triplets"]) / triplets if triplets else None
+        # Mean hinge over all triplets (inactive ones count 0): falls as the embedding improves,
+        # unlike batch_all's mean over active triplets only.
+        out["mean_triplet_hinge"] = float(s["triplet_loss_sum"]) / triplets if triplets else None
         auc, bound = auc_from_histograms(s["pos_hist"], s["neg_hist"])
         out.update(
             pos_pairs=int(s["pos_hist"].sum()),

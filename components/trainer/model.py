@@ -83,26 +83,11 @@ def training_loss(embeddings, labels, *, mining: str, margin: float, distance: s
     return triplet_loss.triplet_loss(embeddings, labels, mining=mining, margin=margin, distance=distance, normalize=True)
 
 
-def transformed_embedding_key(tft_output, grid: contract.GridSpec) -> str:
-    """Name of the transform graph's normalized-vector output: its float output shaped [L,H,W,A,dim]."""
-    wanted = [*grid.grid_shape, grid.dim]
-    keys = [
-        name
-        for name, spec in sorted(tft_output.transformed_feature_spec().items())
-        if isinstance(spec, tf.io.FixedLenFeature) and spec.dtype == tf.float32 and list(spec.shape) == wanted
-    ]
-    if len(keys) != 1:
-        raise ValueError(
-            f"transform graph must have exactly one float output shaped {wanted}, found {keys} "
-            f"in {sorted(tft_output.transformed_feature_spec())}"
-        )
-    return keys[0]
-
-
 class ServingModule(tf.Module):
     """Raw embeddings -> EmbeddingStats transform graph -> head; exported as a SavedModel.
 
-    `serve_grids`: [batch, L, H, W, A, dim] raw grids -> {"embeddings": [batch, L, H, W, A, out]}.
+    `serve_grids`: [batch, L, H, W, A, dim] raw grids -> {"embeddings": [batch, L, H, W, A, out]}:
+    the transform graph's `embedding` output (centered with --center, L2-normalized) -> head.
     `serving_default`: [boxes, dim] raw boxes, any count -> {"embeddings": [boxes, out]}. The
     boxes are padded with zero vectors to whole grids, run through the same transform graph
     (its transform is per box, given constants computed over the dataset, such as the
@@ -115,7 +100,9 @@ class ServingModule(tf.Module):
         self.grid_shape = list(grid.grid_shape)
         self.boxes_per_grid = grid.boxes
         self.dim = grid.dim
-        self.transformed_key = transformed_embedding_key(tft_output, grid)
+        from components.embedding_stats import preprocessing  # imports tensorflow_transform: export only
+
+        self.transformed_key = preprocessing.OUT_EMBEDDING  # [batch, boxes, dim]
         self.tft_layer = tft_output.transform_features_layer()
         self.serve_grids = tf.function(
             self._serve_grids, input_signature=[tf.TensorSpec([None, *grid.grid_shape, grid.dim], tf.float32)]
@@ -132,7 +119,9 @@ class ServingModule(tf.Module):
         return tf.cast(self.tft_layer(features)[self.transformed_key], tf.float32)
 
     def _serve_grids(self, grids):
-        return {"embeddings": self.head(self._transform(grids))}
+        out = self.head(self._transform(grids))  # [batch, boxes, out]
+        shape = tf.concat([tf.shape(grids)[:1], self.grid_shape, [self.head.output_dim]], 0)
+        return {"embeddings": tf.reshape(out, shape)}
 
     def _serve_boxes(self, boxes):
         n = tf.shape(boxes)[0]
