@@ -71,6 +71,8 @@ def headline_rows(summary: dict) -> list:
         rows.append((key, [label, _number(summary.get(key))]))
         if key == "records_rejected":
             for reason, count in sorted((summary.get("rejected_by_reason") or {}).items()):
+                if not count:
+                    continue  # only the reasons that occurred
                 rows.append((f"rejected_by_reason.{reason}", [f"Rejected: {reason}", _number(count)]))
     return rows
 
