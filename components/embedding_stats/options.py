@@ -1,0 +1,87 @@
+"""`EmbeddingStatsOptions`: the job's flags as a Beam `PipelineOptions` subclass.
+
+Being a `PipelineOptions` subclass, the same flags parse on every runner (local,
+Dataflow, a worker pool) and travel with the pipeline. `validate_options` turns bad
+values into one-line `ValueError`s before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from components import triplet_loss
+from schemas import contract
+
+DEFAULT_MARGIN = 0.2
+DEFAULT_DISTANCE = "euclidean"
+DEFAULT_BATCH_SIZE = 16  # examples per loss-graph call and per Arrow record batch
+DEFAULT_NORM_BUCKETS = 10  # quantile buckets of the L2 norm (l2_norm_bucket in 0..9)
+DEFAULT_HISTOGRAM_BINS = 200  # fixed bins of the pair-distance histograms
+# The local runner used when none (or plain DirectRunner) is named: FnApiRunner never
+# tries to download the Prism binary, and honours --direct_running_mode/--direct_num_workers.
+LOCAL_RUNNER = "FnApiRunner"
+PRISM_FIRST_RUNNERS = ("DirectRunner", "SwitchingDirectRunner")
+
+
+class EmbeddingStatsOptions(PipelineOptions):
+    """Flags of `tripletflow run` (EmbeddingStats); any Beam pipeline option may be mixed in."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--input", help="glob of input TFRecord files (plain or GZIP, any name)")
+        parser.add_argument("--output", help="output directory (local or gs://); replaced whole")
+        parser.add_argument("--grid", default=",".join(map(str, contract.DEFAULT_GRID)),
+                            help="grid shape L,H,W,A (levels, height, width, anchors)")
+        parser.add_argument("--dim", default=contract.DEFAULT_DIM, type=int, help="floats per box embedding")
+        parser.add_argument("--margin", default=DEFAULT_MARGIN, type=float, help="triplet margin (>= 0)")
+        parser.add_argument("--distance", default=DEFAULT_DISTANCE,
+                            help=f"pair distance, one of {', '.join(triplet_loss.DISTANCES)}")
+        parser.add_argument("--no-normalize", dest="normalize", action="store_false", default=True,
+                            help="use raw vectors instead of L2-normalized ones")
+        parser.add_argument("--center", action="store_true", default=False,
+                            help="subtract the dataset mean vector before normalizing")
+        parser.add_argument("--batch-size", dest="batch_size", default=DEFAULT_BATCH_SIZE, type=int,
+                            help="examples per loss-graph call")
+        parser.add_argument("--norm-buckets", dest="norm_buckets", default=DEFAULT_NORM_BUCKETS, type=int,
+                            help="quantile buckets of the L2 norm")
+        parser.add_argument("--histogram-bins", dest="histogram_bins", default=DEFAULT_HISTOGRAM_BINS,
+                            type=int, help="fixed bins of the pair-distance histograms")
+        parser.add_argument("--no-report", dest="report", action="store_false", default=True,
+                            help="do not generate report.html/alerts.json after the run")
+        parser.add_argument("--fail-on-alert", dest="fail_on_alert", action="store_true", default=False,
+                            help="exit with the report's alert code when it raises alerts")
+
+
+def grid_spec(options: EmbeddingStatsOptions) -> contract.GridSpec:
+    opts = options.view_as(EmbeddingStatsOptions)
+    return contract.GridSpec.parse(opts.grid, opts.dim)
+
+
+def validate_options(options: PipelineOptions) -> contract.GridSpec:
+    """Checks values that need no I/O; returns the grid. Raises ValueError with a one-line message."""
+    opts = options.view_as(EmbeddingStatsOptions)
+    if not opts.input:
+        raise ValueError("--input is required (a glob of TFRecord files)")
+    if not opts.output:
+        raise ValueError("--output is required (a directory)")
+    grid = grid_spec(opts)
+    if not (math.isfinite(opts.margin) and opts.margin >= 0):
+        raise ValueError(f"--margin must be a finite number >= 0, got {opts.margin}")
+    if opts.distance not in triplet_loss.DISTANCES:
+        raise ValueError(f"--distance must be one of {', '.join(triplet_loss.DISTANCES)}, got {opts.distance!r}")
+    for name in ("batch_size", "norm_buckets", "histogram_bins"):
+        if getattr(opts, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+    return grid
+
+
+def use_local_runner_by_default(options: PipelineOptions) -> None:
+    """Names FnApiRunner when no runner (or a Prism-first DirectRunner) is asked for.
+
+    Plain DirectRunner first tries to download Prism, which hangs or fails offline.
+    """
+    standard = options.view_as(StandardOptions)
+    if standard.runner is None or standard.runner in PRISM_FIRST_RUNNERS:
+        standard.runner = LOCAL_RUNNER

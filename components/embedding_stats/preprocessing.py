@@ -1,0 +1,81 @@
+"""The tf.Transform `preprocessing_fn` of EmbeddingStats: norms, normalized vectors, dataset statistics.
+
+Written into `transform_graph/` so that the trainer and serving apply exactly this
+preprocessing. Full-pass statistics (analyzers) are taken over *valid* boxes only
+(label >= 0); empty boxes are carried through (their values, NaN included, never reach
+an analyzer) and dropped downstream.
+
+Outputs (per example; `boxes` = L*H*W*A):
+  example_id [batch] string; labels [batch, boxes] int64;
+  l2_norm, l1_norm, max_abs, l2_norm_z [batch, boxes] float32 (raw-embedding units;
+  z is (l2 - mean) / std, 0 where std is 0); l2_norm_bucket [batch, boxes] int64;
+  embedding [batch, boxes, dim] float32 (centered with --center, then L2-normalized unless
+  --no-normalize); fed_max_norm [batch] float32 (largest L2 norm of a valid `embedding`
+  over the dataset, so pair distances have a known range for fixed histogram bins).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from components import triplet_loss
+from schemas import contract
+
+# Relative accuracy of the quantile sketch behind l2_norm_bucket (TFT's default is 0.01).
+QUANTILE_EPSILON = 0.001
+
+OUT_EXAMPLE_ID = "example_id"
+OUT_LABELS = "labels"
+OUT_L2 = "l2_norm"
+OUT_L1 = "l1_norm"
+OUT_MAX_ABS = "max_abs"
+OUT_L2_Z = "l2_norm_z"
+OUT_BUCKET = "l2_norm_bucket"
+OUT_EMBEDDING = "embedding"
+OUT_FED_MAX_NORM = "fed_max_norm"
+
+
+def make_preprocessing_fn(grid: contract.GridSpec, *, normalize: bool = True, center: bool = False,
+                          norm_buckets: int = 10):
+    """Returns the `preprocessing_fn(inputs) -> outputs` for `grid` and the run's options."""
+
+    def preprocessing_fn(inputs):
+        embeddings = tf.reshape(tf.cast(inputs[contract.EMBEDDINGS], tf.float32), [-1, grid.boxes, grid.dim])
+        labels = tf.reshape(tf.cast(inputs[contract.LABELS], tf.int64), [-1, grid.boxes])
+        example_id = tf.reshape(inputs[contract.EXAMPLE_ID], [-1])
+        valid = labels >= 0  # [batch, boxes]
+
+        norms = triplet_loss.vector_norms(embeddings)  # each [batch, boxes]
+        # float64 so that squares of huge (1e30-scale) norms do not overflow in the variance.
+        valid_l2 = tf.cast(tf.boolean_mask(norms["l2"], valid), tf.float64)  # [valid boxes]
+        mean = tft.mean(valid_l2)
+        std = tf.sqrt(tft.var(valid_l2))
+        z = tf.math.divide_no_nan(tf.cast(norms["l2"], tf.float64) - mean, std)
+        boundaries = tft.quantiles(tf.boolean_mask(norms["l2"], valid), norm_buckets, QUANTILE_EPSILON)
+        bucket = tft.apply_buckets(norms["l2"], boundaries)
+
+        fed = embeddings
+        if center:
+            valid_vectors = tf.cast(tf.boolean_mask(embeddings, valid), tf.float64)  # [valid boxes, dim]
+            mean_vector = tft.mean(valid_vectors, reduce_instance_dims=False)  # [dim]
+            fed = tf.cast(tf.cast(embeddings, tf.float64) - mean_vector, tf.float32)
+        if normalize:
+            fed = triplet_loss.l2_normalize(fed)
+        fed_norms = tf.boolean_mask(triplet_loss.vector_norms(fed)["l2"], valid)
+        # max over an empty dataset is -inf/lowest: floor it at 0.
+        fed_max_norm = tf.maximum(tft.max(fed_norms), 0.0)
+
+        return {
+            OUT_EXAMPLE_ID: example_id,
+            OUT_LABELS: labels,
+            OUT_L2: norms["l2"],
+            OUT_L1: norms["l1"],
+            OUT_MAX_ABS: norms["max_abs"],
+            OUT_L2_Z: tf.cast(z, tf.float32),
+            OUT_BUCKET: tf.cast(bucket, tf.int64),
+            OUT_EMBEDDING: fed,
+            OUT_FED_MAX_NORM: tf.fill(tf.shape(example_id), fed_max_norm),
+        }
+
+    return preprocessing_fn
