@@ -204,6 +204,23 @@ def reference_figures(run_dir) -> dict:
     return figures, vectors
 
 
+def assert_headline_matches_tables(page: KeyedRows, run_dir):
+    """Every headline figure shown equals the one recomputed from the Parquet tables."""
+    expected, vectors = reference_figures(run_dir)
+    shown = {key: shown_number(cells[1]) for key, cells in page.rows.items() if len(cells) == 2}
+    for key, value in expected.items():
+        assert key in shown, f"the report does not show {key}"
+        if isinstance(value, int):
+            assert shown[key] == value, key
+        elif value is None:
+            assert shown[key] is None, key
+        else:
+            assert shown[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+    shown_reasons = {key for key in shown if key.startswith("rejected_by_reason.")}
+    assert shown_reasons == {key for key in expected if key.startswith("rejected_by_reason.")}
+    return shown, vectors
+
+
 def run_dir_of(stats_run) -> str:
     """The output directory of the shared `stats_run` fixture (a path or an object holding one)."""
     if isinstance(stats_run, (str, os.PathLike)):
@@ -315,18 +332,7 @@ def test_report_in_browser_shows_the_runs_figures(stats_run, tmp_path):
     page = parse_dom(rendered_dom(report, tmp_path))
     screenshot(report, "report-healthy-run", tmp_path)
 
-    expected, vectors = reference_figures(run_dir)
-    shown = {key: shown_number(cells[1]) for key, cells in page.rows.items() if len(cells) == 2}
-    for key, value in expected.items():
-        assert key in shown, f"the report does not show {key}"
-        if isinstance(value, int):
-            assert shown[key] == value, key
-        elif value is None:
-            assert shown[key] is None, key
-        else:
-            assert shown[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
-    shown_reasons = {key for key in shown if key.startswith("rejected_by_reason.")}
-    assert shown_reasons == {key for key in expected if key.startswith("rejected_by_reason.")}
+    shown, vectors = assert_headline_matches_tables(page, run_dir)
 
     # The AUC shown agrees with a brute-force AUC over every pair, within the binning error.
     distance = json.load(open(os.path.join(run_dir, contract.MANIFEST_FILE))).get("options", {}).get(
@@ -415,6 +421,11 @@ def test_bad_records_raise_the_rejection_alert_and_fail_the_run(bad_night, tmp_p
     good = table_rows(run_dir, contract.EXAMPLES_DIR, ["example_id"])
     assert len(dead) == BAD_RECORDS and len(good) == NIGHT_EXAMPLES
     assert alerts[0]["value"] == pytest.approx(BAD_RECORDS / (BAD_RECORDS + NIGHT_EXAMPLES))
+    # the report written at the end of the run shows the rejections by reason, and the alert on top
+    page = parse_dom(rendered_dom(os.path.join(run_dir, contract.REPORT_FILE), tmp_path))
+    assert page.alerts == ["rejection_rate"]
+    shown, _ = assert_headline_matches_tables(page, run_dir)
+    assert sum(v for k, v in shown.items() if k.startswith("rejected_by_reason.")) == BAD_RECORDS
     # `tripletflow report`: exit code only with --fail-on-alert; a raised threshold silences it.
     assert cli.main(["report", "--output", run_dir]) == 0
     assert cli.main(["report", "--output", run_dir, "--fail-on-alert"]) == ALERT_EXIT_CODE

@@ -19,9 +19,9 @@ WORST_BY = "batch_all_loss"  # the loss the worst examples are ranked by
 WORST_BY_LABEL = "batch-all loss"
 FILE_MODE = 0o666  # permissions of the written files before the umask, as open() gives
 
-# summary.json keys shown as headline figures, with their labels (rejections by reason are
-# added after records_rejected).
-HEADLINE = (
+# summary.json keys shown as headline figures, with their labels, in two tables: the data
+# that went in (rejections by reason follow records_rejected) and the quality of the vectors.
+HEADLINE_DATA = (
     ("records_read", "Records in"),
     ("records_good", "Records good"),
     ("records_rejected", "Records rejected"),
@@ -29,6 +29,10 @@ HEADLINE = (
     ("empty_examples", "Empty examples (no valid box)"),
     ("valid_boxes", "Valid boxes"),
     ("identities", "Identities"),
+    ("pos_pairs", "Positive pairs"),
+    ("neg_pairs", "Negative pairs"),
+)
+HEADLINE_QUALITY = (
     ("roc_auc", "ROC AUC (negative farther than positive)"),
     ("roc_auc_error_bound", "ROC AUC binning error bound"),
     ("mean_batch_all_loss", "Mean batch-all loss"),
@@ -36,8 +40,7 @@ HEADLINE = (
     ("mean_semi_hard_loss", "Mean semi-hard loss"),
     ("active_triplet_fraction", "Active-triplet fraction"),
     ("triplets", "Triplets"),
-    ("pos_pairs", "Positive pairs"),
-    ("neg_pairs", "Negative pairs"),
+    ("active_triplets", "Active triplets"),
 )
 NORM_STATS = ("mean", "std", "min", "max")
 TREND_PANELS = {
@@ -65,9 +68,9 @@ def mean_negative_distance(run: RunData) -> float | None:
     return float((counts * means).sum() / total) if total else None
 
 
-def headline_rows(summary: dict) -> list:
+def headline_rows(summary: dict, keys) -> list:
     rows = []
-    for key, label in HEADLINE:
+    for key, label in keys:
         rows.append((key, [label, _number(summary.get(key))]))
         if key == "records_rejected":
             for reason, count in sorted((summary.get("rejected_by_reason") or {}).items()):
@@ -168,13 +171,15 @@ def generate_report(output_dir: str, history_root: str | None = None, thresholds
     norm_summary = summary.get("l2_norm") or {}
     sections = [
         ("alerts-section", "", html.alerts_block(found)),
-        ("headline-section", "Headline figures", html.table("headline", ["figure", "value"], headline_rows(summary))),
+        ("headline-section", "Headline figures", html.side_by_side(
+            html.table("headline", ["data", "value"], headline_rows(summary, HEADLINE_DATA)),
+            html.table("headline-quality", ["quality", "value"], headline_rows(summary, HEADLINE_QUALITY)),
+            html.table("norm-stats", ["raw L2 norm", "value"],
+                       [(f"l2_norm.{k}", [k, _number(norm_summary.get(k))]) for k in NORM_STATS]))),
         ("distances-section", "Pair distances",
          html.image(figures.pair_distance_histogram(summary.get("histogram") or {}), "pair distance histograms")),
         ("norms-section", "Vector norms",
-         html.table("norm-stats", ["statistic", "raw L2 norm"],
-                    [(f"l2_norm.{k}", [k, _number(norm_summary.get(k))]) for k in NORM_STATS])
-         + html.image(figures.norm_distributions(l2, l2_z), "norm distributions")
+         html.image(figures.norm_distributions(l2, l2_z), "norm distributions")
          + html.image(figures.norms_by_position(l2, level, anchor), "norms per level and anchor")),
         ("worst-section", f"Worst examples (highest {WORST_BY_LABEL})",
          html.table("worst-examples", ["example id", "valid boxes", "triplets", "active triplets",

@@ -21,6 +21,7 @@ h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 18px; margin-top: 28
 table { border-collapse: collapse; font-size: 14px; }
 th, td { border: 1px solid #ccc; padding: 3px 10px; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.row { display: flex; gap: 24px; align-items: flex-start; flex-wrap: wrap; }
 img { max-width: 100%; display: block; margin: 8px 0; }
 """
 
@@ -63,6 +64,10 @@ def table(table_id: str, header: list[str], rows: list[tuple[str | None, list]])
         out.append(f"<tr{attr}>" + "".join(tds) + "</tr>")
     out.append("</table>")
     return "\n".join(out)
+
+
+def side_by_side(*parts: str) -> str:
+    return '<div class="row">' + "".join(f"<div>{part}</div>" for part in parts) + "</div>"
 
 
 def alerts_block(alerts: list[dict]) -> str:
