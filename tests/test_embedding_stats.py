@@ -1,0 +1,173 @@
+"""EmbeddingStats end to end on real files: values against independent numpy references."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from schemas import contract
+from tests import embedding_stats_reference as ref
+from tests.conftest import run_stats
+
+FLOAT_RTOL = 1e-4
+FLOAT_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference_input(sample_input):
+    """Good records only, read independently of the pipeline (the bad ones are known by id)."""
+    found = ref.read_input(sample_input.pattern, sample_input.grid)
+    return {key: value for key, value in found.items() if key not in sample_input.bad_ids}
+
+
+@pytest.fixture(scope="module")
+def distance_runs(stats_run, sample_input, tmp_path_factory):
+    """The shared (euclidean) run plus one run per other distance on the same input."""
+    runs = {"euclidean": stats_run.output_dir}
+    for distance in ("squared", "cosine"):
+        out = os.path.join(str(tmp_path_factory.mktemp(f"run_{distance}")), "out")
+        run_stats(sample_input.pattern, out, sample_input.grid, "--distance", distance)
+        runs[distance] = out
+    return runs
+
+
+def _check_example_row(row: dict, expected: dict, example_id: str):
+    for name in contract.EXAMPLE_STATISTIC_COLUMNS:
+        got, want = row[name], expected[name]
+        if name == "n_active_triplets":  # hinges within float32 round-off of 0 may flip
+            assert abs(got - want) <= max(2, 1e-3 * want), (example_id, name, got, want)
+        elif name in contract.EXAMPLE_COUNT_COLUMNS:
+            assert got == want, (example_id, name, got, want)
+        elif want is None:
+            assert got is None, (example_id, name, got)
+        else:
+            assert got == pytest.approx(want, rel=1e-3, abs=1e-4), (example_id, name, got, want)
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "squared", "cosine"])
+def test_examples_equal_brute_force_numpy(distance, distance_runs, reference_input):
+    table = ref.read_table(distance_runs[distance], contract.EXAMPLES_DIR).to_pylist()
+    rows = {row["example_id"]: row for row in table}
+    assert set(rows) == set(reference_input)
+    for example_id, (emb, labels) in reference_input.items():
+        _check_example_row(rows[example_id], ref.example_statistics(emb, labels, distance), example_id)
+
+
+def test_counts_add_up(stats_run, sample_input):
+    summary = stats_run.result.summary
+    assert summary["records_read"] == len(sample_input.good_ids) + len(sample_input.bad_ids)
+    assert summary["records_good"] == len(sample_input.good_ids)
+    assert summary["records_read"] == summary["records_good"] + summary["records_rejected"]
+    assert summary["records_rejected"] == sum(summary["rejected_by_reason"].values())
+    dead = ref.read_table(stats_run.output_dir, contract.DEAD_LETTER_DIR).to_pylist()
+    assert {row["example_id"]: row["reason"] for row in dead} == sample_input.bad_ids
+    assert all(row["source_file"].endswith("part-bad.tfrecord") and row["raw"] for row in dead)
+    manifest = json.load(open(os.path.join(stats_run.output_dir, contract.MANIFEST_FILE)))
+    assert tuple(manifest) == contract.MANIFEST_KEYS
+    assert manifest["counts"]["records_in"] == manifest["counts"]["records_good"] + manifest["counts"]["records_rejected"]
+    assert sorted(manifest["input_files"]) == sample_input.files
+    assert manifest["start_time"] <= manifest["end_time"]
+
+
+def test_vectors_norms_and_z_scores_equal_numpy(stats_run, reference_input):
+    vectors = ref.read_table(stats_run.output_dir, contract.VECTORS_DIR).to_pandas()
+    grid = stats_run.grid
+    expected = []
+    for example_id, (emb, labels) in reference_input.items():
+        for box in np.flatnonzero(labels >= 0):
+            x = emb[box]
+            expected.append((example_id, *grid.box_position(int(box)), labels[box],
+                             np.sqrt((x * x).sum()), np.abs(x).sum(), np.abs(x).max(),
+                             x / np.linalg.norm(x)))
+    want = pd.DataFrame(expected, columns=["example_id", "level", "row", "col", "anchor", "label", "l2", "l1",
+                                           "max_abs", "unit"])
+    merged = want.merge(vectors, on=["example_id", "level", "row", "col", "anchor"], validate="one_to_one")
+    assert len(merged) == len(want) == len(vectors)
+    assert (merged["label_x"] == merged["label_y"]).all()
+    np.testing.assert_allclose(merged["l2_norm"], merged["l2"], rtol=FLOAT_RTOL)
+    np.testing.assert_allclose(merged["l1_norm"], merged["l1"], rtol=FLOAT_RTOL)
+    np.testing.assert_allclose(merged["max_abs_x"] if "max_abs_x" in merged else merged["max_abs"],
+                               merged["max_abs_y"] if "max_abs_y" in merged else merged["max_abs"], rtol=FLOAT_RTOL)
+    np.testing.assert_allclose(np.stack(merged["embedding"]), np.stack(merged["unit"]), atol=FLOAT_ATOL)
+    # z over the whole dataset, population std.
+    l2 = merged["l2"].to_numpy()
+    np.testing.assert_allclose(merged["l2_norm_z"], (l2 - l2.mean()) / l2.std(), rtol=1e-3, atol=1e-4)
+
+
+def test_norm_buckets_follow_independent_quantiles(stats_run):
+    vectors = ref.read_table(stats_run.output_dir, contract.VECTORS_DIR).to_pandas()
+    buckets = stats_run.options.view_as(__import__(
+        "components.embedding_stats.options", fromlist=["x"]).EmbeddingStatsOptions).norm_buckets
+    ordered = vectors.sort_values("l2_norm")
+    assert (np.diff(ordered["l2_norm_bucket"].to_numpy()) >= 0).all(), "bucket must be monotone in the norm"
+    counts = np.bincount(vectors["l2_norm_bucket"], minlength=buckets)
+    assert len(counts) == buckets
+    expected = len(vectors) / buckets
+    assert np.all(np.abs(counts - expected) <= 0.2 * expected), counts
+    boundaries = np.quantile(vectors["l2_norm"], np.arange(1, buckets) / buckets)
+    independent = np.searchsorted(boundaries, vectors["l2_norm"], side="right")
+    assert np.mean(independent != vectors["l2_norm_bucket"]) <= 0.02
+
+
+def test_summary_matches_examples_and_brute_force_auc(stats_run, reference_input):
+    summary = json.load(open(os.path.join(stats_run.output_dir, contract.SUMMARY_FILE)))
+    assert tuple(summary) == contract.SUMMARY_KEYS
+    examples = ref.read_table(stats_run.output_dir, contract.EXAMPLES_DIR).to_pandas()
+    for key, column in (("pos_pairs", "n_pos_pairs"), ("neg_pairs", "n_neg_pairs"), ("triplets", "n_triplets"),
+                        ("active_triplets", "n_active_triplets"), ("valid_boxes", "n_boxes")):
+        assert summary[key] == examples[column].sum(), key
+    histogram = summary["histogram"]
+    assert sum(histogram["positive"]) == examples["n_pos_pairs"].sum()
+    assert sum(histogram["negative"]) == examples["n_neg_pairs"].sum()
+    assert len(histogram["bin_edges"]) == len(histogram["positive"]) + 1
+    positive, negative = [], []
+    for emb, labels in reference_input.values():
+        stats = ref.example_statistics(emb, labels, "euclidean")
+        positive += stats["_pos"]
+        negative += stats["_neg"]
+    exact = ref.exact_auc(positive, negative)
+    assert abs(summary["roc_auc"] - exact) <= summary["roc_auc_error_bound"] + 1e-9
+    assert summary["roc_auc_error_bound"] < 0.05
+    with_triplets = examples[examples["n_triplets"] > 0]
+    assert summary["mean_batch_hard_loss"] == pytest.approx(with_triplets["batch_hard_loss"].mean(), rel=1e-5)
+    identities = {int(label) for _, labels in reference_input.values() for label in labels if label >= 0}
+    assert summary["identities"] == len(identities)
+    norms = np.concatenate([np.linalg.norm(emb[labels >= 0], axis=1) for emb, labels in reference_input.values()])
+    assert summary["l2_norm"]["mean"] == pytest.approx(norms.mean(), rel=1e-5)
+    assert summary["l2_norm"]["std"] == pytest.approx(norms.std(), rel=1e-4)
+    assert summary["l2_norm"]["quantiles"]["p50"] == pytest.approx(np.quantile(norms, 0.5), rel=0.05)
+
+
+@pytest.mark.parametrize("name", list(contract.TABLE_SCHEMAS))
+def test_parquet_reads_back_with_declared_schema(stats_run, name):
+    files = sorted(os.listdir(os.path.join(stats_run.output_dir, name)))
+    assert files and all(f.endswith(".parquet") for f in files)
+    for file in files:
+        path = os.path.join(stats_run.output_dir, name, file)
+        assert pq.read_schema(path).remove_metadata().equals(contract.TABLE_SCHEMAS[name])
+        frame = pd.read_parquet(path)
+        assert list(frame.columns) == contract.TABLE_SCHEMAS[name].names
+
+
+def test_transform_graph_serves_the_same_preprocessing(stats_run, reference_input):
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    output = tft.TFTransformOutput(os.path.join(stats_run.output_dir, contract.TRANSFORM_GRAPH_DIR))
+    assert set(output.raw_feature_spec()) == {contract.EXAMPLE_ID, contract.EMBEDDINGS, contract.LABELS}
+    example_id, (emb, labels) = next(iter(reference_input.items()))
+    grid = stats_run.grid
+    features = {
+        contract.EXAMPLE_ID: tf.constant([[example_id.encode()]]),
+        contract.EMBEDDINGS: tf.constant(emb.reshape(1, *grid.grid_shape, grid.dim), tf.float32),
+        contract.LABELS: tf.constant(labels.reshape(1, *grid.grid_shape)),
+    }
+    transformed = output.transform_features_layer()(features)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    valid = labels >= 0
+    np.testing.assert_allclose(transformed["embedding"].numpy()[0][valid], unit[valid], atol=FLOAT_ATOL)
