@@ -115,8 +115,8 @@ class Executor:
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
         o, spec = self.options, self.spec
-        os.makedirs(spec.output_dir, exist_ok=True)
-        _check_resume(spec)
+        for stats_dir in spec.stats_dirs:
+            data.read_manifest(stats_dir)  # unfinished runs are refused before anything else
         dim = data.embedding_dim(spec.stats_dirs)
         grid = run_grid(spec.stats_dirs, dim)
         if o.export and grid is None:
@@ -124,6 +124,8 @@ class Executor:
         counts = self.count_sets()
         if counts[data.TRAIN] == 0 or counts[data.VALIDATION] == 0:
             raise ValueError(f"empty split {counts}: add data or change --validation-fraction")
+        os.makedirs(spec.output_dir, exist_ok=True)
+        _check_resume(spec)
 
         strategy = choose_strategy()
         compute_dtype = tf.float16 if o.mixed_precision else tf.float32

@@ -33,9 +33,8 @@ def make_batch_figures(margin: float, distance: str):
     """A tf.function: (embeddings [b, n, d], labels [b, n]) -> dict of per-batch sums and histograms."""
     top = triplet_loss.max_distance(distance, True)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32), tf.TensorSpec([None, None], tf.int64)])
     def batch_figures(embeddings, labels):
-        labels = tf.cast(labels, tf.int64)
         stats = triplet_loss.triplet_statistics(embeddings, labels, margin=margin, distance=distance, normalize=True)
         has_triplet = stats["n_triplets"] > 0
         out = {"examples": tf.size(has_triplet, tf.int64), "examples_with_triplets": tf.reduce_sum(tf.cast(has_triplet, tf.int64))}
@@ -85,6 +84,8 @@ class ValidationFigures:
         self._sums = None
 
     def update(self, embeddings, labels):
+        embeddings = tf.convert_to_tensor(embeddings, tf.float32)
+        labels = tf.cast(labels, tf.int64)
         values = {k: v.numpy() for k, v in self._fn(embeddings, labels).items()}
         if self._sums is None:
             self._sums = values
