@@ -17,7 +17,7 @@ from components.embedding_stats.options import EmbeddingStatsOptions
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_ALL_WRONG_LENGTH = 3  # every record mismatched the grid: outputs written, but surely a wrong --grid/--dim
+EXIT_ALL_WRONG_LENGTH = 3  # no good record and some of the wrong length: outputs written, but surely a wrong --grid/--dim
 
 DEBUG_ENV = "TRIPLETFLOW_DEBUG"  # set to 1 for the full traceback of a failed run
 PROG = "tripletflow run"

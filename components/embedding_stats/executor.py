@@ -238,8 +238,8 @@ def execute(options) -> RunResult:
         raise
     warnings = []
     wrong = summary["rejected_by_reason"].get(contract.Reason.WRONG_LENGTH, 0)
-    if summary["records_read"] and wrong == summary["records_read"]:
+    if summary["records_good"] == 0 and wrong:  # no record fits the grid: surely a wrong --grid/--dim
         warnings.append(
-            f"all {wrong} records have the wrong length for --grid {opts.grid} --dim {opts.dim}; "
-            f"check the grid shape (see {contract.DEAD_LETTER_DIR}/ for the lengths found)")
+            f"no good record and {wrong} of {summary['records_read']} have the wrong length for --grid {opts.grid} "
+            f"--dim {opts.dim}; check the grid shape (lengths found are in {contract.DEAD_LETTER_DIR}/)")
     return RunResult(output_dir, summary, manifest, warnings)

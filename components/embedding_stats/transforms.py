@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -60,6 +61,13 @@ def detect_compression(path: str) -> str:
         return "GZIP" if f.read(len(GZIP_MAGIC)) == GZIP_MAGIC else ""
 
 
+def _clean_tf_message(message: str) -> str:
+    """A TensorFlow error message without its op/function decorations."""
+    message = re.sub(r"\{\{[^}]*\}\}", "", message)
+    message = re.sub(r"\[Op:[^\]]*\].*$", "", message)
+    return " ".join(message.split())
+
+
 class _ReadFileFn(beam.DoFn):
     """file path -> (path, raw record) ...; broken framing -> one corrupt_file dead letter.
 
@@ -87,7 +95,7 @@ class _ReadFileFn(beam.DoFn):
                 yield path, record
                 index += 1
         except (tf.errors.OpError, OSError) as error:
-            message = getattr(error, "message", None) or str(error)
+            message = _clean_tf_message(getattr(error, "message", None) or str(error))
             detail = f"TFRecord framing broken after {index} good record(s); rest of file skipped: {message}"
             _LOG.warning("%s: %s", path, detail)
             if self._emit_metrics:
@@ -125,26 +133,33 @@ class _ValidateFn(beam.DoFn):
         self._emit = emit  # only one of the two reading branches reports
 
     def setup(self):
-        from tfx_bsl.coders import example_coder
-
-        self._decoder = example_coder.ExamplesToRecordBatchDecoder(
-            contract.input_schema(self._grid).SerializeToString())
+        self._new_decoder()
         self._read = Metrics.counter(METRICS_NAMESPACE, "records_read")
         self._good = Metrics.counter(METRICS_NAMESPACE, "records_good")
         self._rejected = {r: Metrics.counter(METRICS_NAMESPACE, f"rejected_{r}") for r in contract.Reason.ALL}
 
+    def _new_decoder(self):
+        from tfx_bsl.coders import example_coder
+
+        self._decoder = example_coder.ExamplesToRecordBatchDecoder(
+            contract.input_schema(self._grid).SerializeToString())
+
     def _decode(self, raws):
-        """Decodes a batch; isolates undecodable records. Returns (record batch, kept indices, failures)."""
+        """Decodes a batch; isolates undecodable records. Returns (record batch, kept indices, failures).
+
+        tfx-bsl's decoder is left in a broken state by a failed decode, so a new one is made after each.
+        """
         try:
             return self._decoder.DecodeBatch(raws), list(range(len(raws))), {}
         except RuntimeError:
-            pass
+            self._new_decoder()
         kept, failures = [], {}
         for i, raw in enumerate(raws):
             try:
                 self._decoder.DecodeBatch([raw])
                 kept.append(i)
             except RuntimeError as error:
+                self._new_decoder()
                 message = str(error)
                 reason = contract.Reason.WRONG_TYPE if "wrong type" in message else contract.Reason.UNPARSEABLE
                 failures[i] = (reason, message)
