@@ -275,6 +275,16 @@ def history_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def healthy_night(tmp_path_factory):
+    """A plain sample night, run with --fail-on-alert: nothing to report, exit code 0."""
+    work = tmp_path_factory.mktemp("healthy")
+    records = [sample_data.to_example(*item) for item in night_arrays(seed=4)]
+    output = work / "out"
+    code = run_pipeline(records, work, output, "--fail-on-alert")
+    return os.fspath(output), code
+
+
+@pytest.fixture(scope="module")
 def collapsed_night(tmp_path_factory, history_root):
     """Every valid vector points the same way (tiny norms): distances all 0, AUC 1/2."""
     work = tmp_path_factory.mktemp("collapsed")
@@ -341,10 +351,11 @@ def test_report_in_browser_shows_the_runs_figures(stats_run, tmp_path):
     assert auc is not None and shown["roc_auc_error_bound"] is not None
     assert abs(shown["roc_auc"] - auc) <= shown["roc_auc_error_bound"] + 1e-5
 
-    # A healthy run: quiet, both in alerts.json and at the report's top.
-    assert alerts == [] and read_alerts(run_dir)["alerts"] == []
-    assert page.alerts == []
-    assert "No alerts." in rendered_dom(report, tmp_path)
+    # The shared run holds bad records on purpose: exactly the rejection alert, in alerts.json
+    # and at the report's top, with the rate the tables give.
+    assert alert_names(alerts) == {"rejection_rate"} and read_alerts(run_dir)["alerts"] == alerts
+    assert page.alerts == ["rejection_rate"]
+    assert alerts[0]["value"] == pytest.approx(shown["records_rejected"] / shown["records_read"])
 
     # Norm statistics shown equal the raw norms in the vectors table.
     norms = np.concatenate([t.column("l2_norm").to_numpy() for t in read_parquet_dir(run_dir, "vectors", ["l2_norm"])])
@@ -441,9 +452,14 @@ def test_mostly_empty_examples_raise_the_empty_fraction_alert(empty_night):
     assert by_name["norm_explosion"]["value"] > Thresholds().max_mean_norm
 
 
-def test_healthy_nights_stay_quiet_and_thresholds_are_configurable(stats_run, tmp_path):
-    run_dir = copy_run(stats_run, tmp_path / "run")
+def test_healthy_nights_stay_quiet_and_thresholds_are_configurable(healthy_night, tmp_path):
+    run_dir, exit_code = healthy_night
+    assert exit_code == 0
+    assert read_alerts(run_dir)["alerts"] == []  # written by `tripletflow run` itself
+    dom = rendered_dom(os.path.join(run_dir, contract.REPORT_FILE), tmp_path)
+    assert parse_dom(dom).alerts == [] and "No alerts." in dom
     assert generate_report(run_dir) == []
+    assert cli.main(["report", "--output", run_dir, "--fail-on-alert"]) == 0
     mean_norm = read_summary(run_dir)["l2_norm"]["mean"]
     # the same run breaches limits set just past its own figures
     alerts = generate_report(run_dir, thresholds={"max_mean_norm": mean_norm * 0.99, "min_auc": 1.0})

@@ -15,10 +15,19 @@ VALIDATION_KEY = "validation"
 STATUS_KEY = "status"
 LOSS_MARK = "loss"  # per-epoch fields whose name holds this are plotted as loss curves
 BASELINE, TRAINED = "baseline", "trained"
+# validation figures listed first, in this order; the others follow alphabetically
+LEADING_FIGURES = ("roc_auc", "recall_at_1", "mean_batch_all_loss", "mean_batch_hard_loss", "mean_semi_hard_loss")
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _scalar(value):
+    """Ints stay ints (counts), other numbers become finite floats or None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return finite_or_none(value)
 
 
 def loss_curves(metrics: dict) -> dict[str, list]:
@@ -36,11 +45,11 @@ def validation_groups(metrics: dict) -> dict[str, dict]:
     validation = metrics.get(VALIDATION_KEY)
     if not isinstance(validation, dict):
         return {}
-    groups = {
-        head: {k: finite_or_none(v) for k, v in figures.items() if _is_number(v) or v is None}
-        for head, figures in validation.items()
-        if isinstance(figures, dict)
-    }
+    groups = {}
+    for head, figures in validation.items():
+        if isinstance(figures, dict):
+            names = [n for n in LEADING_FIGURES if n in figures] + sorted(n for n in figures if n not in LEADING_FIGURES)
+            groups[head] = {n: _scalar(figures[n]) for n in names if _is_number(figures[n]) or figures[n] is None}
     order = [h for h in (BASELINE, TRAINED) if h in groups] + sorted(h for h in groups if h not in (BASELINE, TRAINED))
     return {head: groups[head] for head in order}
 
