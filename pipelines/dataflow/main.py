@@ -1,0 +1,16 @@
+"""Flex Template entry point: the launcher runs this file with the template's parameters as flags.
+
+The same image is the workers' SDK container (`sdk_container_image`), so the workers run the
+tripletflow installed in it: no package staging at launch. Thin: `tripletflow run` does the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pipelines import embedding_stats
+
+if __name__ == "__main__":
+    logging.getLogger().setLevel(logging.INFO)  # the launcher forwards the log to the job's page
+    sys.exit(embedding_stats.run(sys.argv[1:]))
