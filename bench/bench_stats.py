@@ -1,0 +1,147 @@
+"""Benchmark: the whole EmbeddingStats pipeline (local runner) against the floor of the intrinsic work.
+
+Floor = one plain process that reads and parses the same TFRecords with tf.data
+(`tf.io.parse_example`) and runs the same loss graph (`triplet_statistics`, one compiled
+call per batch, valid boxes gathered first as the pipeline does). Both are measured at two
+sizes in the same run, each in a fresh subprocess (for its peak RSS). Marginal cost per
+example = (time(large) - time(small)) / (large - small); start-up = time(small) - small * marginal.
+
+    .venv/bin/python bench/bench_stats.py --shape both --sizes 40,160
+Targets: pipeline marginal cost <= 2x the floor's; start-up < 10 s; peak memory flat in size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from schemas import contract  # noqa: E402
+
+SHAPES = {"dense": 0.0, "sparse": 0.95}  # --empty-fraction of each shape
+DEFAULT_SIZES = "40,160"
+SHARDS = 4
+BATCH_SIZE = 16
+TARGET_MARGINAL_RATIO = 2.0
+TARGET_STARTUP_S = 10.0
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def child_pipeline(input_glob: str, output: str) -> dict:
+    from components.embedding_stats.executor import execute
+    from components.embedding_stats.options import EmbeddingStatsOptions
+
+    start = time.perf_counter()
+    options = EmbeddingStatsOptions(["--input", input_glob, "--output", output, "--runner", "FnApiRunner",
+                                     "--no-report", "--batch-size", str(BATCH_SIZE)])
+    result = execute(options)
+    return {"seconds": time.perf_counter() - start, "examples": result.summary["examples"],
+            "boxes": result.summary["valid_boxes"], "peak_rss_mb": _peak_rss_mb()}
+
+
+def child_floor(input_glob: str) -> dict:
+    start = time.perf_counter()
+    import glob
+
+    import tensorflow as tf
+
+    from components import triplet_loss
+    from components.embedding_stats.transforms import _compact
+
+    grid = contract.GridSpec()
+    spec = {
+        contract.EMBEDDINGS: tf.io.FixedLenFeature([grid.boxes, grid.dim], tf.float32),
+        contract.LABELS: tf.io.FixedLenFeature([grid.boxes], tf.int64),
+    }
+    stats = tf.function(lambda e, l: triplet_loss.triplet_statistics(e, l), input_signature=[
+        tf.TensorSpec([None, None, grid.dim], tf.float32), tf.TensorSpec([None, None], tf.int64)])
+    files = sorted(glob.glob(input_glob))
+    dataset = tf.data.TFRecordDataset(files).batch(BATCH_SIZE).map(lambda raw: tf.io.parse_example(raw, spec))
+    examples = boxes = 0
+    for batch in dataset:
+        labels = batch[contract.LABELS].numpy()
+        compact, compact_labels = _compact(batch[contract.EMBEDDINGS].numpy(), labels)
+        out = stats(compact, compact_labels)
+        examples += len(labels)
+        boxes += int(out["n_boxes"].numpy().sum())
+    return {"seconds": time.perf_counter() - start, "examples": examples, "boxes": boxes,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def _run_child(*args) -> dict:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"bench child {args[:2]} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(shape: str, sizes, root: str) -> dict:
+    from components import sample_data
+
+    rows = {}
+    for size in sizes:
+        input_dir = os.path.join(root, f"{shape}-{size}", "input")
+        sample_data.generate(input_dir, sample_data.SampleOptions(
+            examples=size, shards=SHARDS, empty_fraction=SHAPES[shape], seed=size))
+        glob_ = os.path.join(input_dir, "*")
+        rows[size] = {
+            "floor": _run_child("--child", "floor", glob_),
+            "pipeline": _run_child("--child", "pipeline", glob_, os.path.join(root, f"{shape}-{size}", "output")),
+        }
+    return rows
+
+
+def report(shape: str, rows: dict) -> None:
+    small, large = sorted(rows)
+    print(f"\n## {shape} (grid 2,13,13,5 dim 100, empty fraction {SHAPES[shape]})")
+    print("| what | examples | seconds | examples/s | embeddings/s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    for size in (small, large):
+        for what in ("floor", "pipeline"):
+            r = rows[size][what]
+            print(f"| {what} | {r['examples']} | {r['seconds']:.1f} | {r['examples'] / r['seconds']:.1f} "
+                  f"| {r['boxes'] / r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
+    marginal = {what: (rows[large][what]["seconds"] - rows[small][what]["seconds"]) / (large - small)
+                for what in ("floor", "pipeline")}
+    startup = {what: rows[small][what]["seconds"] - small * marginal[what] for what in marginal}
+    ratio = marginal["pipeline"] / marginal["floor"] if marginal["floor"] > 0 else float("inf")
+    print(f"\nmarginal s/example: pipeline {marginal['pipeline']:.4f}, floor {marginal['floor']:.4f}, "
+          f"ratio {ratio:.2f} (target <= {TARGET_MARGINAL_RATIO})")
+    print(f"start-up: pipeline {startup['pipeline']:.1f} s, floor {startup['floor']:.1f} s "
+          f"(target pipeline < {TARGET_STARTUP_S} s)")
+    print(f"peak RSS pipeline: {rows[small]['pipeline']['peak_rss_mb']:.0f} MiB at {small}, "
+          f"{rows[large]['pipeline']['peak_rss_mb']:.0f} MiB at {large}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=[*SHAPES, "both"], default="both")
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="two example counts, small,large")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        kind, *rest = args.child
+        print(json.dumps(child_floor(*rest) if kind == "floor" else child_pipeline(*rest)))
+        return 0
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    assert len(sizes) == 2 and sizes[0] < sizes[1], "--sizes takes two increasing counts"
+    shapes = list(SHAPES) if args.shape == "both" else [args.shape]
+    with tempfile.TemporaryDirectory(prefix="bench_stats_") as root:
+        for shape in shapes:
+            report(shape, measure(shape, sizes, root))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
