@@ -1,13 +1,12 @@
 """`tripletflow report`: write report.html and alerts.json for a finished run's output.
 
-Exit codes: 0 (written, no alert or no --fail-on-alert), ALERT_EXIT_CODE (alerts with
---fail-on-alert), 2 (bad arguments or not a finished run).
+Exit codes: 0 (written; no alert, or no --fail-on-alert), components.report.ALERT_EXIT_CODE
+(alerts with --fail-on-alert), 2 (bad arguments or not a finished run).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from schemas import contract
@@ -16,9 +15,10 @@ USAGE_ERROR = 2
 
 
 def parse_args(argv):
-    from components.report import threshold_names
+    from components.report import ALERT_EXIT_CODE, threshold_names
 
-    parser = argparse.ArgumentParser(prog="tripletflow report", description=__doc__)
+    description = __doc__.replace("components.report.ALERT_EXIT_CODE", str(ALERT_EXIT_CODE))
+    parser = argparse.ArgumentParser(prog="tripletflow report", description=description)
     parser.add_argument("--output", required=True, help="a run's output directory (holds MANIFEST.json)")
     parser.add_argument("--history", default=None,
                         help="root of date=YYYY-MM-DD partitions of earlier runs, for trends and AUC-drop alerts")
@@ -32,7 +32,7 @@ def parse_args(argv):
 
 
 def run(argv=None) -> int:
-    from components.report import ALERT_EXIT_CODE, RunDataError, generate_report, parse_overrides
+    from components.report import ALERT_EXIT_CODE, RunDataError, generate_report, parse_overrides, storage
 
     args = parse_args(argv)
     try:
@@ -42,7 +42,7 @@ def run(argv=None) -> int:
     except (RunDataError, ValueError) as error:
         print(f"tripletflow report: {error}", file=sys.stderr)
         return USAGE_ERROR
-    print(f"wrote {os.path.join(args.output, contract.REPORT_FILE)} and {contract.ALERTS_FILE}: {len(alerts)} alert(s)")
+    print(f"wrote {storage.join(args.output, contract.REPORT_FILE)} and {contract.ALERTS_FILE}: {len(alerts)} alert(s)")
     for alert in alerts:
         print(f"  ALERT {alert['name']} ({alert['basis']}): {alert['message']}", file=sys.stderr)
     return ALERT_EXIT_CODE if alerts and args.fail_on_alert else 0

@@ -477,13 +477,15 @@ def test_healthy_nights_stay_quiet_and_thresholds_are_configurable(healthy_night
 # ---------------------------------------------------------------------------
 def test_history_trends_and_auc_drop(stats_run, collapsed_night, history_root, tmp_path):
     healthy = run_dir_of(stats_run)
-    earlier = history_root / f"date={EARLIER_DATE}"
+    earlier = history_root / f"date={EARLIER_DATE}" / "run"  # a run one folder down its partition
     later = history_root / f"date={LATER_DATE}"
     for partition in (earlier, later):
-        partition.mkdir()
+        partition.mkdir(parents=True)
         for name in (contract.MANIFEST_FILE, contract.SUMMARY_FILE):
             shutil.copy(os.path.join(healthy, name), partition / name)
-    (history_root / f"date={UNFINISHED_DATE}").mkdir()  # no MANIFEST.json: did not finish
+    unfinished = history_root / f"date={UNFINISHED_DATE}"
+    unfinished.mkdir()  # a summary but no MANIFEST.json: that run did not finish
+    shutil.copy(os.path.join(healthy, contract.SUMMARY_FILE), unfinished / contract.SUMMARY_FILE)
 
     alerts = generate_report(collapsed_night, history_root=os.fspath(history_root))
     healthy_auc = read_summary(healthy)["roc_auc"]

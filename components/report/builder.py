@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 
 import numpy as np
 import pyarrow.compute as pc
 
 from components.report import alerts as alerts_lib
-from components.report import figures, html, history as history_lib, trainer_metrics
+from components.report import figures, html, history as history_lib, storage, trainer_metrics
 from components.report.run_data import RunData, finite_or_none, load_run
 from schemas import contract
 
 WORST_EXAMPLES = 10  # rows of the worst-examples table
 WORST_BY = "batch_all_loss"  # the loss the worst examples are ranked by
 WORST_BY_LABEL = "batch-all loss"
-FILE_MODE = 0o666  # permissions of the written files before the umask, as open() gives
 
 # summary.json keys shown as headline figures, with their labels, in two tables: the data
 # that went in (rejections by reason follow records_rejected) and the quality of the vectors.
@@ -89,20 +87,6 @@ def worst_examples_rows(run: RunData) -> list:
     return [(None, [row["example_id"], row["n_boxes"], row["n_triplets"], row["n_active_triplets"],
                     _number(row["batch_all_loss"]), _number(row["batch_hard_loss"]),
                     _number(row["semi_hard_loss"])]) for row in top]
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Writes to a temporary file beside `path`, then renames: readers never see half a file."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)  # FILE_MODE less the umask
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _trainer_section(run: RunData) -> str:
@@ -192,7 +176,8 @@ def generate_report(output_dir: str, history_root: str | None = None, thresholds
         sections.append(("history-section", f"History ({len(history.runs)} earlier runs)",
                          _history_section(history, date, current)))
     options = run.manifest.get("options") or {}
-    meta = html.esc(f"{os.path.abspath(output_dir)} · input {run.manifest.get('input_pattern', '?')} · "
+    location = os.path.abspath(output_dir) if storage.is_local(output_dir) else output_dir
+    meta = html.esc(f"{location} · input {run.manifest.get('input_pattern', '?')} · "
                     f"{run.manifest.get('start_time', '?')} – {run.manifest.get('end_time', '?')} · "
                     f"distance {options.get('distance', (summary.get('histogram') or {}).get('distance', '?'))}")
     document = html.page(f"tripletflow report{' ' + date if date else ''}", meta, sections)
@@ -202,6 +187,6 @@ def generate_report(output_dir: str, history_root: str | None = None, thresholds
         "thresholds": limits.to_json(),
         "compared_with": [run_["date"] for run_ in history.runs] if history else [],
     }
-    write_atomically(os.path.join(output_dir, contract.ALERTS_FILE), json.dumps(alerts_doc, indent=2) + "\n")
-    write_atomically(os.path.join(output_dir, contract.REPORT_FILE), document)
+    storage.write_text(storage.join(output_dir, contract.ALERTS_FILE), json.dumps(alerts_doc, indent=2) + "\n")
+    storage.write_text(storage.join(output_dir, contract.REPORT_FILE), document)
     return found

@@ -1,24 +1,26 @@
 """Earlier runs under a root of date partitions, read from their manifests and summaries.
 
 Layout: `ROOT/date=YYYY-MM-DD/` holding a run's output (MANIFEST.json, summary.json), either
-directly or one folder down.  A partition without MANIFEST.json did not finish and is
-skipped (and listed as such); only runs dated before the current one count as history.
+directly or one folder down; ROOT may be local or a bucket (gs://...).  A partition holding
+files but no MANIFEST.json did not finish and is skipped (and listed as such); only runs
+dated before the current one count as history.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import re
 
 from components.report import alerts as alerts_lib
+from components.report import storage
 from components.report.run_data import RunDataError, read_json
 from schemas import contract
 
 PARTITION_PREFIX = "date="
 DATE_PATTERN = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 ISO_DATE_LENGTH = len("YYYY-MM-DD")
+MAX_RUN_DEPTH = 1  # a run's MANIFEST.json sits in the partition or at most this many folders below
 
 
 @dataclasses.dataclass
@@ -31,7 +33,7 @@ class History:
 
 def partition_date(path: str) -> str | None:
     """The YYYY-MM-DD of the nearest `date=` folder in `path`, or None."""
-    for part in reversed(os.path.normpath(os.path.abspath(path)).split(os.sep)):
+    for part in reversed(path.replace(os.sep, "/").split("/")):
         match = DATE_PATTERN.match(part)
         if match:
             return match.group(1)
@@ -46,35 +48,44 @@ def run_date(output_dir: str, manifest: dict) -> str | None:
     return date
 
 
-def _run_dir(partition: str) -> str | None:
-    if os.path.isfile(os.path.join(partition, contract.MANIFEST_FILE)):
-        return partition
-    nested = sorted(glob.glob(os.path.join(partition, "*", contract.MANIFEST_FILE)))
-    return os.path.dirname(nested[-1]) if nested else None
+def _partitions(root: str) -> dict[str, list[str]]:
+    """{partition folder: [its MANIFEST.json paths, shallowest first]} for every partition holding files.
+
+    One listing of everything under ROOT/date=* (`**` crosses folders): on an object store
+    each glob costs a listing of the whole prefix anyway.
+    """
+    partitions: dict[str, list[str]] = {}
+    for path in storage.match(storage.join(root, PARTITION_PREFIX + "**")):
+        relative = path[len(root):].lstrip("/").split("/")
+        if len(relative) < 2 or not DATE_PATTERN.match(relative[0]):
+            continue
+        manifests = partitions.setdefault(storage.join(root, relative[0]), [])
+        if relative[-1] == contract.MANIFEST_FILE and len(relative) <= MAX_RUN_DEPTH + 2:
+            manifests.append(path)
+    for manifests in partitions.values():
+        manifests.sort(key=lambda path: (path.count("/"), path))
+    return partitions
 
 
 def load_history(root: str, current_dir: str, current_date: str | None) -> History:
     """Finished runs under `root` dated before `current_date` (all other runs when it is None)."""
-    if not os.path.isdir(root):
+    root = root.rstrip("/") or "/"
+    if storage.is_local(root) and not os.path.isdir(root):
         raise RunDataError(f"--history {root!r} is not a directory")
-    current = os.path.realpath(current_dir)
     runs, skipped = [], []
-    for partition in sorted(glob.glob(os.path.join(root, PARTITION_PREFIX + "*"))):
-        match = DATE_PATTERN.match(os.path.basename(partition))
-        if not match or not os.path.isdir(partition):
-            continue
-        date = match.group(1)
+    for partition, manifests in sorted(_partitions(root).items()):
+        date = DATE_PATTERN.match(partition.rstrip("/").split("/")[-1]).group(1)
         if current_date is not None and date >= current_date:
             continue
-        run_dir = _run_dir(partition)
-        if run_dir is None:
+        if not manifests:
             skipped.append(f"{partition}: no {contract.MANIFEST_FILE} (run did not finish)")
             continue
-        if os.path.realpath(run_dir) == current:
+        run_dir = manifests[0][: -len(contract.MANIFEST_FILE)].rstrip("/")  # the shallowest run
+        if storage.same_location(run_dir, current_dir):
             continue
         try:
-            read_json(os.path.join(run_dir, contract.MANIFEST_FILE))
-            summary = read_json(os.path.join(run_dir, contract.SUMMARY_FILE))
+            read_json(manifests[0])
+            summary = read_json(storage.join(run_dir, contract.SUMMARY_FILE))
         except RunDataError as error:
             skipped.append(f"{partition}: {error}")
             continue

@@ -8,14 +8,13 @@ contract's schema, so a run with no valid box still gets a report.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from components.report import storage
 from schemas import contract
 
 # Columns of `vectors` the report needs: position in the grid, identity, raw and z-scored norm.
@@ -48,12 +47,11 @@ class RunData:
 
 def read_json(path: str) -> dict:
     """Reads a JSON object; raises RunDataError naming the file when missing or malformed."""
+    if not storage.exists(path):
+        raise RunDataError(f"{path} not found")
     try:
-        with open(path) as f:
-            value = json.load(f)
-    except FileNotFoundError:
-        raise RunDataError(f"{path} not found") from None
-    except (OSError, json.JSONDecodeError) as error:
+        value = json.loads(storage.read_text(path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise RunDataError(f"{path} is not readable JSON: {error}") from None
     if not isinstance(value, dict):
         raise RunDataError(f"{path} must hold a JSON object, got {type(value).__name__}")
@@ -62,44 +60,45 @@ def read_json(path: str) -> dict:
 
 def read_table(directory: str, schema: pa.Schema, columns) -> pa.Table:
     """Reads `columns` of every Parquet file under `directory` (empty table when none)."""
-    files = sorted(glob.glob(os.path.join(directory, "*.parquet")))
+    files = storage.match(storage.join(directory, "*.parquet"))
     wanted = pa.schema([schema.field(name) for name in columns])
     if not files:
         return wanted.empty_table()
-    tables = [pq.read_table(path, columns=list(columns)) for path in files]
-    return pa.concat_tables([table.cast(wanted) for table in tables])
+    tables = []
+    for path in files:
+        with storage.open_read(path) as f:
+            tables.append(pq.read_table(f, columns=list(columns)).cast(wanted))
+    return pa.concat_tables(tables)
 
 
 def find_model_dir(output_dir: str, model_dir: str | None = None) -> str | None:
     """The trainer output beside the run: `model_dir` if given, else `<output>/model/` if it has metrics."""
     if model_dir:
         return model_dir
-    candidate = os.path.join(output_dir, MODEL_SUBDIR)
-    if os.path.isfile(os.path.join(candidate, TRAINER_METRICS_FILE)):
+    candidate = storage.join(output_dir, MODEL_SUBDIR)
+    if storage.exists(storage.join(candidate, TRAINER_METRICS_FILE)):
         return candidate
     return None
 
 
 def load_run(output_dir: str, model_dir: str | None = None) -> RunData:
     """Loads a finished run (MANIFEST.json present) and the trainer metrics beside it, if any."""
-    if not os.path.isdir(output_dir):
-        raise RunDataError(f"run output {output_dir!r} is not a directory")
-    manifest_path = os.path.join(output_dir, contract.MANIFEST_FILE)
-    if not os.path.isfile(manifest_path):
+    manifest_path = storage.join(output_dir, contract.MANIFEST_FILE)
+    if not storage.exists(manifest_path):
         raise RunDataError(f"{output_dir} has no {contract.MANIFEST_FILE}: the run did not finish")
     manifest = read_json(manifest_path)
-    summary = read_json(os.path.join(output_dir, contract.SUMMARY_FILE))
+    summary = read_json(storage.join(output_dir, contract.SUMMARY_FILE))
     missing = [key for key in contract.SUMMARY_KEYS if key not in summary]
     if missing:
         raise RunDataError(f"{contract.SUMMARY_FILE} in {output_dir} lacks keys {missing}")
-    vectors = read_table(os.path.join(output_dir, contract.VECTORS_DIR), contract.VECTORS_SCHEMA, VECTOR_COLUMNS)
-    examples = read_table(os.path.join(output_dir, contract.EXAMPLES_DIR), contract.EXAMPLES_SCHEMA,
+    vectors = read_table(storage.join(output_dir, contract.VECTORS_DIR), contract.VECTORS_SCHEMA, VECTOR_COLUMNS)
+    examples = read_table(storage.join(output_dir, contract.EXAMPLES_DIR), contract.EXAMPLES_SCHEMA,
                           EXAMPLE_COLUMNS)
     model = find_model_dir(output_dir, model_dir)
     metrics = None
     if model is not None:
-        path = os.path.join(model, TRAINER_METRICS_FILE)
-        if not os.path.isfile(path):
+        path = storage.join(model, TRAINER_METRICS_FILE)
+        if not storage.exists(path):
             raise RunDataError(f"--model {model!r} has no {TRAINER_METRICS_FILE}")
         metrics = read_json(path)
     return RunData(output_dir, summary, manifest, vectors, examples, model, metrics)
