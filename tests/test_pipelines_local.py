@@ -1,0 +1,159 @@
+"""Local runner modes, determinism and worker faults (issues #5.1, #7.2, #7.4).
+
+The reference is the shared `stats_run` (the default local runner). The same input and
+flags on the multi-process runner (2 worker processes) and on the portable runner with a
+worker pool (separate SDK worker processes over gRPC) must give the same Parquet tables,
+row for row, row order aside. A worker killed mid-bundle by the test-only fault switch
+fails that run without publishing anything; nightly's whole-run retry then completes it
+with the exact same outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import embedding_stats, nightly
+from schemas import contract
+
+FAULT_ENV = "TRIPLETFLOW_TEST_KILL_WORKER_ONCE"  # the EmbeddingStats DoFn's test-only fault switch
+WORKERS = 2
+POOL_START_TIMEOUT_S = 60
+MULTI_PROCESS_FLAGS = ("--direct_running_mode=multi_processing", f"--direct_num_workers={WORKERS}")
+# How each table's rows are identified (row order is not part of the output).
+ROW_KEYS = {
+    "vectors": ("example_id", "level", "row", "col", "anchor"),
+    "examples": ("example_id",),
+    "dead_letter": ("source_file", "example_id", "reason", "detail"),
+}
+
+
+def read_rows(output_dir, table: str) -> list[dict]:
+    """A table's rows as dicts, sorted by its key; checks the schema against the contract.
+
+    Dead letters name their source file: only its base name is kept, so that runs over
+    copies of the same files in another folder compare equal.
+    """
+    data = pq.read_table(os.path.join(output_dir, table))
+    assert data.schema.remove_metadata().equals(contract.TABLE_SCHEMAS[table]), table
+    rows = data.to_pylist()
+    for row in rows:
+        if "source_file" in row:
+            row["source_file"] = os.path.basename(row["source_file"])
+    keys = ROW_KEYS[table]
+    return sorted(rows, key=lambda row: tuple("" if row[k] is None else row[k] for k in keys))
+
+
+def _differences(got: dict, want: dict) -> str:
+    return ", ".join(f"{k}: {str(got[k])[:80]} != {str(want[k])[:80]}" for k in want if got.get(k) != want[k])
+
+
+def assert_same_outputs(actual_dir, expected_dir) -> None:
+    """Same Parquet rows (exactly, floats included) in every table, and the same counts."""
+    for table in contract.TABLE_SCHEMAS:
+        actual, expected = read_rows(actual_dir, table), read_rows(expected_dir, table)
+        assert len(actual) == len(expected), f"{table}: {len(actual)} rows, expected {len(expected)}"
+        for got, want in zip(actual, expected):
+            assert got == want, f"{table}: row {[want[k] for k in ROW_KEYS[table]]} differs: {_differences(got, want)}"
+    import json
+
+    def counts(directory):
+        with open(os.path.join(directory, contract.MANIFEST_FILE)) as f:
+            return json.load(f)["counts"]
+
+    assert counts(actual_dir) == counts(expected_dir)
+
+
+def stats_flags(stats_run) -> list[str]:
+    """The flags of the shared reference run, less its runner."""
+    grid = stats_run.grid
+    return ["--input", stats_run.input.pattern, "--grid", ",".join(map(str, grid.grid_shape)),
+            "--dim", str(grid.dim), "--no-report"]
+
+
+def leftovers(parent) -> list[str]:
+    """Temporary siblings a run may leave next to its output (there must be none)."""
+    return sorted(p.name for p in Path(parent).iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def worker_pool():
+    """Beam's worker pool on a free port, started from this venv (its workers run `python` from PATH)."""
+    port = _free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    pool = subprocess.Popen(
+        [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + POOL_START_TIMEOUT_S
+        while True:
+            try:
+                socket.create_connection(("localhost", port), timeout=1).close()
+                break
+            except OSError:
+                assert pool.poll() is None, "the worker pool exited at start-up"
+                assert time.monotonic() < deadline, "the worker pool did not listen in time"
+                time.sleep(0.2)
+        yield f"localhost:{port}"
+    finally:
+        pool.terminate()
+        try:
+            pool.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pool.kill()
+
+
+def test_multi_process_runner_gives_the_default_runners_tables(stats_run, tmp_path):
+    output = tmp_path / "multi"
+    assert embedding_stats.run([*stats_flags(stats_run), "--output", str(output), *MULTI_PROCESS_FLAGS]) == 0
+    assert_same_outputs(output, stats_run.output_dir)
+
+
+def test_portable_runner_with_a_worker_pool_gives_the_default_runners_tables(stats_run, worker_pool, tmp_path):
+    output = tmp_path / "portable"
+    flags = ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
+             f"--environment_config={worker_pool}"]
+    assert embedding_stats.run([*stats_flags(stats_run), "--output", str(output), *flags]) == 0
+    assert_same_outputs(output, stats_run.output_dir)
+
+
+def test_a_killed_worker_fails_the_run_without_publishing_and_a_rerun_succeeds(stats_run, tmp_path, monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, str(marker))
+    output = tmp_path / "out"
+    code = embedding_stats.run([*stats_flags(stats_run), "--output", str(output), *MULTI_PROCESS_FLAGS])
+    assert marker.exists(), "the fault switch did not fire: no worker was killed"
+    assert code == embedding_stats.EXIT_FAILED
+    assert not output.exists()  # nothing published: no manifest, no partial table
+    assert leftovers(tmp_path) == []
+    # The marker stays: the switch fires once, so the same command now runs clean.
+    assert embedding_stats.run([*stats_flags(stats_run), "--output", str(output)]) == 0
+    assert_same_outputs(output, stats_run.output_dir)
+
+
+def test_nightly_retries_a_run_whose_worker_died_and_publishes_exact_outputs(stats_run, tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, str(marker))
+    flags = [f for f in stats_flags(stats_run) if f not in ("--input", stats_run.input.pattern)]
+    code = nightly.run(["--input-template", stats_run.input.pattern,
+                        "--output-template", str(tmp_path / "out" / "date={date}"),
+                        "--date", "2024-05-01", "--attempts", "2", *flags, *MULTI_PROCESS_FLAGS])
+    out = capsys.readouterr().out
+    assert marker.exists(), "the fault switch did not fire: no worker was killed"
+    assert code == 0
+    assert "2024-05-01 attempt 2/2" in out  # the first attempt failed and was retried whole
+    assert_same_outputs(tmp_path / "out" / "date=2024-05-01", stats_run.output_dir)
+    assert leftovers(tmp_path / "out") == []
