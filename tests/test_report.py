@@ -512,3 +512,23 @@ def test_history_trends_and_auc_drop(stats_run, collapsed_night, history_root, t
 
     # without history the drop alerts cannot fire
     assert not {"auc_drop_previous", "auc_drop_trailing"} & alert_names(generate_report(collapsed_night))
+
+
+def test_report_of_a_run_without_any_good_record(tmp_path):
+    """Every record rejected: the run still publishes, and its report shows n/a, never NaN."""
+    records = [b"not a tf.train.Example",
+               sample_data.to_example("short", np.ones((NIGHT_GRID.boxes - 1, NIGHT_GRID.dim), np.float32),
+                                      np.zeros(NIGHT_GRID.boxes - 1, np.int64))]
+    output = tmp_path / "out"
+    run_pipeline(records, tmp_path, output, "--no-report")  # its exit code is EmbeddingStats' business
+    alerts = generate_report(os.fspath(output))
+    assert alert_names(alerts) == {"rejection_rate"} and alerts[0]["value"] == 1.0
+    dom = rendered_dom(output / contract.REPORT_FILE, tmp_path)
+    page = parse_dom(dom)
+    shown = {key: cells[1] for key, cells in page.rows.items() if len(cells) == 2}
+    assert shown["records_read"] == "2" and shown["examples"] == "0" and shown["valid_boxes"] == "0"
+    for key in ("roc_auc", "mean_batch_all_loss", "active_triplet_fraction", "l2_norm.mean"):
+        assert shown[key] == "n/a", key
+    text = re.sub(r"data:[a-z/+.-]+;base64,[A-Za-z0-9+/=]+", "", dom)  # base64 may spell anything
+    assert not re.search(r"\bnan\b|\binf\b", text, re.IGNORECASE)
+    assert "NaN" not in (output / contract.ALERTS_FILE).read_text()

@@ -11,7 +11,7 @@ from components.report.alerts import ALERT_NAMES, Thresholds, parse_overrides, t
 from components.report.builder import generate_report
 from components.report.run_data import RunDataError
 
-ALERT_EXIT_CODE = 3  # distinct from 1 (crash) and 2 (usage error)
+ALERT_EXIT_CODE = 4  # distinct from 1 (failed), 2 (usage) and 3 (`tripletflow run`: every record of the wrong length)
 
 __all__ = ["ALERT_EXIT_CODE", "ALERT_NAMES", "RunDataError", "Thresholds", "generate_report",
            "parse_overrides", "threshold_names"]
