@@ -9,7 +9,9 @@ publishes nothing and is retried whole (`--attempts`): Beam's local runners do n
 retry a bundle whose worker died, Dataflow does so itself. Any other flag (Beam
 options: --runner, --project, ...; EmbeddingStats flags: --grid, --dim, ...) is passed
 through to every run. Flags are accepted with dashes or underscores, since Airflow's
-Beam operator writes `--input_template=...`.
+Beam operator writes `--input_template=...`. After each published run, the report
+(components.report) is written with the earlier date partitions as history, so that
+trends and AUC drops raise alerts (`--no-report`, `--fail-on-alert`, `--threshold`).
 """
 
 from __future__ import annotations
@@ -77,6 +79,11 @@ def partition_paths(input_template: str, output_template: str, date: datetime.da
     return input_template.format(**{DATE_FIELD: value}), output_template.format(**{DATE_FIELD: value})
 
 
+def history_root(output_template: str) -> str:
+    """The folder holding every date's partition: the template cut before the segment with {date}."""
+    return output_template[:output_template.index("{" + DATE_FIELD + "}")].rsplit("/", 1)[0]
+
+
 def is_complete(output_dir: str) -> bool:
     """True when `output_dir` holds a published run (its MANIFEST.json, written last)."""
     return FileSystems.exists(FileSystems.join(output_dir.rstrip("/"), contract.MANIFEST_FILE))
@@ -97,6 +104,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="with --backfill: re-run complete dates too")
     p.add_argument("--attempts", type=int, default=DEFAULT_ATTEMPTS,
                    help="tries per date; a failed try publishes nothing")
+    p.add_argument("--no-report", dest="report", action="store_false", default=True,
+                   help="do not write report.html/alerts.json after each run")
+    p.add_argument("--fail-on-alert", dest="fail_on_alert", action="store_true",
+                   help="exit with the report's alert code when a date raises alerts")
+    p.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                   help="an alert threshold of the report (repeatable; see tripletflow report --help)")
     return p
 
 
@@ -105,7 +118,7 @@ def run_date(date: datetime.date, args, passthrough: list[str], log=print) -> in
     from pipelines import embedding_stats  # Beam + TensorFlow only once the flags are valid
 
     input_glob, output_dir = partition_paths(args.input_template, args.output_template, date)
-    argv = ["--input", input_glob, "--output", output_dir, *passthrough]
+    argv = ["--input", input_glob, "--output", output_dir, "--no-report", *passthrough]
     code = EXIT_FAILED
     for attempt in range(1, args.attempts + 1):
         log(f"{PROG}: {date} attempt {attempt}/{args.attempts}: {input_glob} -> {output_dir}")
@@ -116,7 +129,26 @@ def run_date(date: datetime.date, args, passthrough: list[str], log=print) -> in
             code = EXIT_FAILED
         if code not in RETRIED:
             break
-    return code
+    if code != EXIT_OK or not args.report or any(arg.startswith("--dry_run") for arg in passthrough):
+        return code
+    return report_date(output_dir, args, log)
+
+
+def report_date(output_dir: str, args, log=print) -> int:
+    """Writes the date's report with the earlier partitions as history; the alert code when asked."""
+    from components import report
+
+    try:
+        alerts = report.generate_report(output_dir, history_root=history_root(args.output_template),
+                                        thresholds=args.threshold or None)
+    except ValueError as error:  # bad --threshold, or a run the report cannot read
+        log(f"{PROG}: report of {output_dir} failed: {error}")
+        return EXIT_FAILED
+    if alerts:
+        log(f"{PROG}: {len(alerts)} alert(s) for {output_dir}: " + "; ".join(a["name"] for a in alerts))
+        if args.fail_on_alert:
+            return report.ALERT_EXIT_CODE
+    return EXIT_OK
 
 
 def run(argv=None) -> int:

@@ -47,6 +47,8 @@ def test_templates_resolve_per_date_for_gcs_and_local_paths():
     assert nightly.partition_paths("gs://b/in/date={date}/*.gz", "gs://b/out/date={date}", date) == (
         "gs://b/in/date=2024-05-01/*.gz", "gs://b/out/date=2024-05-01")
     assert nightly.partition_paths("/data/{date}/part-*", "/out/{date}", date) == ("/data/2024-05-01/part-*", "/out/2024-05-01")
+    assert nightly.history_root("gs://b/out/date={date}") == "gs://b/out"
+    assert nightly.history_root("/runs/{date}/stats") == "/runs"
     with pytest.raises(ValueError, match="must contain"):
         nightly.check_template("gs://b/out/latest", "--output-template")
     with pytest.raises(ValueError, match="only the field"):
@@ -88,9 +90,10 @@ def test_backfill_skips_complete_dates_runs_new_ones_and_reports_failures(stats_
     before = (outputs / f"date={done_day}" / contract.MANIFEST_FILE).read_bytes()
 
     flags = [f for f in stats_flags(stats_run) if f not in ("--input", stats_run.input.pattern)]
+    with_report = [f for f in flags if f != "--no-report"]
     code = nightly.run(["--input-template", str(inputs / "date={date}" / "*"),
                         "--output-template", str(outputs / "date={date}"),
-                        "--backfill", done_day, missing_day, *flags, "--runner=FnApiRunner"])
+                        "--backfill", done_day, missing_day, *with_report, "--runner=FnApiRunner"])
     captured = capsys.readouterr()
     assert code == nightly.EXIT_FAILED  # one date had no input
     assert f"{done_day}: already complete" in captured.out
@@ -104,6 +107,10 @@ def test_backfill_skips_complete_dates_runs_new_ones_and_reports_failures(stats_
     manifest = json.loads((outputs / f"date={new_day}" / contract.MANIFEST_FILE).read_text())
     assert all(f"date={new_day}" in path for path in manifest["input_files"])
     assert leftovers(outputs) == []
+    # Its report compared it with the earlier partition of the same output template.
+    alerts = json.loads((outputs / f"date={new_day}" / contract.ALERTS_FILE).read_text())
+    assert alerts["compared_with"] == [done_day]
+    assert (outputs / f"date={new_day}" / contract.REPORT_FILE).exists()
 
     # Re-running one date replaces its output whole: a stray file from before disappears.
     stray = outputs / f"date={new_day}" / "stray-from-an-older-run.parquet"
