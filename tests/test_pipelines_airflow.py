@@ -25,7 +25,8 @@ from schemas import contract
 
 REPO = Path(__file__).resolve().parents[1]
 AIRFLOW_PYTHON = REPO / ".venv-airflow" / "bin" / "python"
-AIRFLOW_FAILED = REPO / ".venv-airflow.FAILED"
+AIRFLOW_FAILED = REPO / ".venv-airflow.FAILED"  # .ci/setup-airflow's reason when the install failed
+AIRFLOW_READY = REPO / ".venv-airflow" / ".tripletflow-airflow-installed"  # its stamp of a complete install
 DAG_FOLDER = REPO / "pipelines" / "airflow"
 DAG_ID = "tripletflow_nightly"
 SUBPROCESS_TIMEOUT_S = 240
@@ -78,7 +79,7 @@ print(json.dumps(out))
 
 
 def _airflow_check(tmp_path: Path, overrides: dict, env_defaults: dict) -> dict:
-    if not AIRFLOW_PYTHON.exists():
+    if not (AIRFLOW_PYTHON.exists() and AIRFLOW_READY.exists()):
         reason = AIRFLOW_FAILED.read_text().strip() if AIRFLOW_FAILED.exists() else "run `bash .ci/setup-airflow`"
         pytest.skip(f".venv-airflow is not built, so the DAG cannot be loaded: {reason}")
     home = tmp_path / "airflow_home"
