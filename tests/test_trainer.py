@@ -158,16 +158,13 @@ def _assert_close(a, b):
             assert value == pytest.approx(b[k][name], rel=1e-5, abs=1e-7), (k, name)
 
 
-def test_saved_model_serves_raw_embeddings_in_a_fresh_process(trained, digits_run, tmp_path):
-    _, head, spec = trained
-    stats, grids = digits_run
+def _check_serving(saved_model_dir, head, stats, grids, tmp_path):
+    """The SavedModel, loaded in a fresh process, on raw boxes/grids = the in-memory head on `vectors`."""
     vectors = pq.read_table(os.path.join(stats, contract.VECTORS_DIR)).to_pandas()
     ids = sorted(grids)[:5]
-    # In memory: the head on the run's own normalized vectors.
     rows = vectors[vectors.example_id.isin(ids)]
-    box = GRID.box_position  # row-major flat index from (level, row, col, anchor)
     flat = (((rows.level * GRID.height + rows.row) * GRID.width + rows.col) * GRID.anchors + rows.anchor).to_numpy()
-    assert np.all(np.stack(box(flat), 1) == rows[["level", "row", "col", "anchor"]].to_numpy())
+    assert np.all(np.stack(GRID.box_position(flat), 1) == rows[["level", "row", "col", "anchor"]].to_numpy())
     expected = head(np.stack(rows.embedding.to_numpy()).astype(np.float32)).numpy()
     raw_boxes = np.stack([grids[eid][0][i] for eid, i in zip(rows.example_id, flat)])  # 100 boxes > 80 per grid
     raw_grid = grids[ids[0]][0].reshape(1, *GRID.grid_shape, GRID.dim)
@@ -176,7 +173,7 @@ def test_saved_model_serves_raw_embeddings_in_a_fresh_process(trained, digits_ru
     script = textwrap.dedent(
         f"""
         import numpy as np, tensorflow as tf
-        loaded = tf.saved_model.load({spec.saved_model_dir!r})
+        loaded = tf.saved_model.load({saved_model_dir!r})
         boxes = np.load({str(tmp_path / 'boxes.npy')!r}); grid = np.load({str(tmp_path / 'grid.npy')!r})
         out_boxes = loaded.signatures["serving_default"](tf.constant(boxes))["embeddings"].numpy()
         out_grid = loaded.signatures["serve_grids"](tf.constant(grid))["embeddings"].numpy()
@@ -194,6 +191,29 @@ def test_saved_model_serves_raw_embeddings_in_a_fresh_process(trained, digits_ru
     np.testing.assert_allclose(np.linalg.norm(grid_out, axis=1), 1.0, atol=1e-5)
 
 
+def test_saved_model_serves_raw_embeddings_in_a_fresh_process(trained, digits_run, tmp_path):
+    _, head, spec = trained
+    stats, grids = digits_run
+    _check_serving(spec.saved_model_dir, head, stats, grids, tmp_path)
+
+
+def test_saved_model_applies_the_runs_centering(digits_run, tmp_path):
+    """With --center the transform graph subtracts the dataset mean: serving must too."""
+    _, grids = digits_run
+    records = os.path.join(os.path.dirname(digits_run[0]), "records", "*")
+    stats = str(tmp_path / "centered")
+    argv = ["run", "--input", records, "--output", stats, "--grid", "1,4,4,5", "--dim", "64", "--center", "--no-report"]
+    assert cli.main(argv) == 0
+    spec = spec_lib.TrainerSpec((stats,), str(tmp_path / "train"), spec_lib.TrainOptions(**dict(TRAIN_OPTIONS, epochs=1)))
+    executor = Executor(spec, verbose=False)
+    executor.run()
+    # the centered vectors differ from plain normalization: the check below would catch a skipped mean
+    vectors = pq.read_table(os.path.join(stats, contract.VECTORS_DIR)).to_pandas().iloc[0]
+    raw = grids[vectors.example_id][0][((vectors.level * GRID.height + vectors.row) * GRID.width + vectors.col) * GRID.anchors + vectors.anchor]
+    assert np.max(np.abs(np.asarray(vectors.embedding) - raw / np.linalg.norm(raw))) > 0.05
+    _check_serving(spec.saved_model_dir, executor.head, stats, grids, tmp_path)
+
+
 def test_pair_scope_batch_mixed_precision_and_mlp_train(digits_run, tmp_path):
     stats, _ = digits_run
     options = spec_lib.TrainOptions(
@@ -203,6 +223,32 @@ def test_pair_scope_batch_mixed_precision_and_mlp_train(digits_run, tmp_path):
     losses = [e["loss"] for e in document["epochs"]]
     assert all(np.isfinite(losses)) and all(loss > 0 for loss in losses)
     assert 0.5 < document["validation"]["trained"]["roc_auc"] <= 1.0
+
+
+def test_mirrored_strategy_over_two_devices(digits_run, tmp_path):
+    """The multi-device path (MirroredStrategy, batches split over replicas) on two virtual CPUs."""
+    stats, _ = digits_run
+    script = textwrap.dedent(
+        f"""
+        import json, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from components.trainer import spec as spec_lib
+        from components.trainer.executor import Executor
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        options = spec_lib.TrainOptions(epochs=2, batch_size=7, learning_rate=5e-3, validation_fraction=0.3, export=False)
+        document = Executor(spec_lib.TrainerSpec(({stats!r},), {str(tmp_path)!r}, options), verbose=False, strategy=strategy).run()
+        print(json.dumps(document))
+        """
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    root = os.path.dirname(os.path.dirname(__file__))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    document = json.loads(done.stdout.strip().splitlines()[-1])
+    assert document["device"] == {"strategy": "MirroredStrategy", "replicas": 2}
+    assert all(np.isfinite(e["loss"]) and e["loss"] > 0 for e in document["epochs"])
+    assert document["validation"]["trained"]["roc_auc"] > document["validation"]["baseline"]["roc_auc"]
 
 
 def test_cli_rejects_bad_flags_and_inputs(tmp_path, capsys):

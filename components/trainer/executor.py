@@ -79,8 +79,9 @@ def _check_resume(spec: spec_lib.TrainerSpec) -> None:
 class Executor:
     """Runs one TrainerSpec: `Executor(spec).run()` -> the metrics.json document."""
 
-    def __init__(self, spec: spec_lib.TrainerSpec, verbose: bool = True):
+    def __init__(self, spec: spec_lib.TrainerSpec, verbose: bool = True, strategy: tf.distribute.Strategy | None = None):
         self.spec = spec
+        self.strategy = strategy  # None: choose_strategy() (tests pass a mirrored one over virtual CPUs)
         self.options = spec.options
         self.verbose = verbose
 
@@ -127,7 +128,7 @@ class Executor:
         os.makedirs(spec.output_dir, exist_ok=True)
         _check_resume(spec)
 
-        strategy = choose_strategy()
+        strategy = self.strategy or choose_strategy()
         compute_dtype = tf.float16 if o.mixed_precision else tf.float32
         with strategy.scope():
             head = model.ProjectionHead(dim, dim, hidden=o.hidden, seed=o.seed, compute_dtype=compute_dtype)
@@ -171,8 +172,8 @@ class Executor:
             validation = self._dataset(data.VALIDATION, dim, None)
             baseline = model.ProjectionHead(dim, identity=True)
             document["validation"] = {
-                "baseline": metrics.evaluate(tf.function(baseline, reduce_retracing=True), validation, o.margin, o.distance),
-                "trained": metrics.evaluate(tf.function(head, reduce_retracing=True), validation, o.margin, o.distance),
+                "baseline": metrics.evaluate(tf.function(baseline, reduce_retracing=True, autograph=False), validation, o.margin, o.distance),
+                "trained": metrics.evaluate(tf.function(head, reduce_retracing=True, autograph=False), validation, o.margin, o.distance),
             }
             if o.export:
                 self.export(head, grid)
@@ -200,7 +201,9 @@ class Executor:
             optimizer.apply_gradients(zip(grads, head.trainable_variables))
             return loss / replicas
 
-        @tf.function(reduce_retracing=True)
+        # autograph=False: no tensor-dependent Python control flow here or in the loss graph,
+        # and tracing does not depend on re-parsing source files.
+        @tf.function(reduce_retracing=True, autograph=False)
         def train_step(batch):
             per_replica = strategy.run(step, args=(batch,))
             return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)

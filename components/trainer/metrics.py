@@ -33,7 +33,10 @@ def make_batch_figures(margin: float, distance: str):
     """A tf.function: (embeddings [b, n, d], labels [b, n]) -> dict of per-batch sums and histograms."""
     top = triplet_loss.max_distance(distance, True)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32), tf.TensorSpec([None, None], tf.int64)])
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, None, None], tf.float32), tf.TensorSpec([None, None], tf.int64)],
+        autograph=False,
+    )
     def batch_figures(embeddings, labels):
         stats = triplet_loss.triplet_statistics(embeddings, labels, margin=margin, distance=distance, normalize=True)
         has_triplet = stats["n_triplets"] > 0
