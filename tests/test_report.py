@@ -47,6 +47,8 @@ EMPTY_EXAMPLES = 9  # examples of the empty night with no valid box at all
 TINY_SCALE = 1e-5  # raw norms of the collapsed night: far below Thresholds.min_mean_norm
 HUGE_SCALE = 1e4  # raw norms of the empty night's valid boxes: far above Thresholds.max_mean_norm
 
+TRAINER_EPOCHS = 2  # a short real training run beside the shared run
+
 # Dates of the history partitions (the collapsed night is the "current" one).
 EARLIER_DATE, CURRENT_DATE, LATER_DATE, UNFINISHED_DATE = "2026-11-27", "2026-11-28", "2026-11-29", "2026-11-26"
 
@@ -382,22 +384,26 @@ def test_report_is_self_contained(stats_run, tmp_path):
 
 
 def test_report_shows_the_trainer_beside_the_run(stats_run, tmp_path):
-    """A trainer output in <run>/model/ (the trainer's metrics.json layout) adds its curve and figures."""
+    """A real trainer run in <run>/model/ adds its loss curve and validation figures, baseline vs trained."""
     run_dir = copy_run(stats_run, tmp_path / "run")
-    losses = [0.61, 0.42, 0.35]
-    validation = {"baseline": {"roc_auc": 0.81, "mean_batch_all_loss": 0.3, "recall_at_1": None},
-                  "trained": {"roc_auc": 0.93, "mean_batch_all_loss": 0.12, "recall_at_1": 0.9}}
-    os.makedirs(os.path.join(run_dir, "model"))
-    with open(os.path.join(run_dir, "model", "metrics.json"), "w") as f:
-        json.dump({"status": "complete", "epochs": [{"epoch": i + 1, "loss": v} for i, v in enumerate(losses)],
-                   "validation": validation}, f)
-    generate_report(run_dir)
+    model_dir = os.path.join(run_dir, "model")
+    assert cli.main(["train", "--stats", run_dir, "--output", model_dir, "--epochs", str(TRAINER_EPOCHS),
+                     "--no-export"]) == 0
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    generate_report(run_dir)  # finds model/ by itself
     report = os.path.join(run_dir, contract.REPORT_FILE)
     page = parse_dom(rendered_dom(report, tmp_path))
-    assert page.rows["model.roc_auc"] == ["roc_auc", "0.81", "0.93", "0.12"]
-    assert page.rows["model.recall_at_1"] == ["recall_at_1", "n/a", "0.9", "n/a"]
+    for name in ("roc_auc", "recall_at_1", "mean_batch_all_loss"):
+        baseline, trained = metrics["validation"]["baseline"][name], metrics["validation"]["trained"][name]
+        cells = page.rows[f"model.{name}"]
+        assert cells[0] == name
+        assert shown_number(cells[1]) == pytest.approx(baseline, rel=1e-5)
+        assert shown_number(cells[2]) == pytest.approx(trained, rel=1e-5)
+        assert shown_number(cells[3]) == pytest.approx(trained - baseline, rel=1e-5, abs=1e-12)
     with open(report) as f:
         assert 'alt="trainer loss curve"' in f.read()
+    assert len(metrics["epochs"]) == TRAINER_EPOCHS
 
 
 # ---------------------------------------------------------------------------
