@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -249,6 +250,19 @@ def test_mirrored_strategy_over_two_devices(digits_run, tmp_path):
     assert document["device"] == {"strategy": "MirroredStrategy", "replicas": 2}
     assert all(np.isfinite(e["loss"]) and e["loss"] > 0 for e in document["epochs"])
     assert document["validation"]["trained"]["roc_auc"] > document["validation"]["baseline"]["roc_auc"]
+
+
+def test_runs_preprocessed_differently_are_refused(digits_run, tmp_path):
+    stats, _ = digits_run
+    other = tmp_path / "other"
+    shutil.copytree(stats, other)
+    manifest = json.loads((other / contract.MANIFEST_FILE).read_text())
+    manifest["options"]["center"] = not manifest["options"]["center"]
+    (other / contract.MANIFEST_FILE).write_text(json.dumps(manifest))
+    spec = spec_lib.TrainerSpec((stats, str(other)), str(tmp_path / "out"), spec_lib.TrainOptions(epochs=1))
+    with pytest.raises(ValueError, match="preprocessed differently"):
+        Executor(spec, verbose=False).run()
+    assert not (tmp_path / "out").exists()  # refused before the output was touched
 
 
 def test_cli_rejects_bad_flags_and_inputs(tmp_path, capsys):

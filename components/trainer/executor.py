@@ -46,14 +46,26 @@ def _read_json(path: str, default=None):
         return json.load(f)
 
 
+# EmbeddingStats options that shape the vectors: runs trained together must agree on them.
+PREPROCESSING_OPTIONS = ("normalize", "center")
+
+
 def run_grid(stats_dirs, dim: int) -> contract.GridSpec | None:
-    """The runs' common grid from their MANIFEST options (None when a manifest does not say)."""
+    """The runs' common grid from their MANIFEST options (None when a manifest does not say).
+
+    Also refuses runs whose vectors were preprocessed differently (normalize/center), since
+    one head and one serving transform cannot fit both.
+    """
     grids = set()
+    preprocessing = {}
     for stats_dir in stats_dirs:
         options = data.read_manifest(stats_dir).get("options", {})
-        if "grid" not in options:
-            return None
-        grids.add(tuple(contract.GridSpec.parse(options["grid"], options.get("dim", dim)).grid_shape))
+        preprocessing[stats_dir] = {k: options.get(k) for k in PREPROCESSING_OPTIONS}
+        grids.add(tuple(contract.GridSpec.parse(options["grid"], options.get("dim", dim)).grid_shape) if "grid" in options else None)
+    if len({json.dumps(v, sort_keys=True) for v in preprocessing.values()}) > 1:
+        raise ValueError(f"--stats runs were preprocessed differently: {preprocessing}")
+    if None in grids:
+        return None
     if len(grids) != 1:
         raise ValueError(f"--stats runs have different grids {sorted(grids)}; train on runs of one grid")
     return contract.GridSpec(*grids.pop(), dim=dim)
