@@ -538,3 +538,30 @@ def test_report_of_a_run_without_any_good_record(tmp_path):
     text = re.sub(r"data:[a-z/+.-]+;base64,[A-Za-z0-9+/=]+", "", dom)  # base64 may spell anything
     assert not re.search(r"\bnan\b|\binf\b", text, re.IGNORECASE)
     assert "NaN" not in (output / contract.ALERTS_FILE).read_text()
+
+
+def test_auc_drop_previous_vs_trailing_mean_by_hand():
+    """Hand-computed: a slow slide trips the trailing mean but not the previous-run check."""
+    from components.report import alerts as alerts_lib
+
+    def figures(auc, norm=2.0):
+        return {"records_read": 10, "rejection_rate": 0.0, "empty_fraction": 0.0, "roc_auc": auc,
+                "mean_norm": norm, "neg_distance_fraction": 0.5}
+
+    history = [{"date": f"2026-11-0{day}", **figures(auc)} for day, auc in ((1, 0.95), (2, 0.93), (3, 0.91),
+                                                                             (4, 0.89))]
+    current = figures(0.87)
+    # previous drop 0.02; trailing mean of 4 = 0.92, drop 0.05: both within 0.06
+    assert alerts_lib.check(current, history, Thresholds(max_auc_drop=0.06)) == []
+    found = alerts_lib.check(current, history, Thresholds(max_auc_drop=0.04))
+    assert [(a["name"], round(a["value"], 6), a["basis"]) for a in found] == [
+        ("auc_drop_trailing", 0.05, "trailing mean of 4 runs")]
+    # a window of the 2 latest runs: mean 0.90, drop 0.03
+    assert alerts_lib.check(current, history, Thresholds(max_auc_drop=0.04, trailing_runs=2)) == []
+    # norms: 25x the trailing mean trips the ratio, 5x does not
+    assert {a["name"] for a in alerts_lib.check(figures(0.95, norm=50.0), history, Thresholds())} == {"norm_explosion"}
+    assert alerts_lib.check(figures(0.95, norm=10.0), history, Thresholds()) == []
+    with pytest.raises(ValueError, match="max_norm_ratio"):
+        Thresholds(max_norm_ratio=0.5)
+    with pytest.raises(ValueError, match="trailing_runs"):
+        parse_overrides(["trailing_runs=0"])
