@@ -265,6 +265,17 @@ def test_runs_preprocessed_differently_are_refused(digits_run, tmp_path):
     assert not (tmp_path / "out").exists()  # refused before the output was touched
 
 
+def test_cli_trains_and_writes_metrics(digits_run, tmp_path, capsys):
+    stats, _ = digits_run
+    argv = ["train", "--stats", stats, "--output", str(tmp_path), "--epochs", "1", "--hidden", "16", "--no-export",
+            "--mining", "batch_hard", "--distance", "cosine", "--margin", "0.1", "--validation-fraction", "0.3"]
+    assert cli.main(argv) == 0
+    assert "complete" in capsys.readouterr().out
+    document = json.loads((tmp_path / spec_lib.METRICS_FILE).read_text())
+    assert document["options"]["hidden"] == [16] and document["options"]["distance"] == "cosine"
+    assert len(document["epochs"]) == 1 and not (tmp_path / spec_lib.SAVED_MODEL_DIR).exists()
+
+
 def test_cli_rejects_bad_flags_and_inputs(tmp_path, capsys):
     assert train_entry.run(["--stats", str(tmp_path), "--output", str(tmp_path / "o"), "--margin", "-1"]) == 2
     assert "--margin" in capsys.readouterr().err
