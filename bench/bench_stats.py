@@ -57,7 +57,7 @@ def child_floor(input_glob: str) -> dict:
     import tensorflow as tf
 
     from components import triplet_loss
-    from components.embedding_stats.transforms import _compact
+    from components.embedding_stats.transforms import MAX_PAIR_CELLS_PER_CALL, _compact
 
     grid = contract.GridSpec()
     spec = {
@@ -72,9 +72,11 @@ def child_floor(input_glob: str) -> dict:
     for batch in dataset:
         labels = batch[contract.LABELS].numpy()
         compact, compact_labels = _compact(batch[contract.EMBEDDINGS].numpy(), labels)
-        out = stats(compact, compact_labels)
+        chunk = max(1, MAX_PAIR_CELLS_PER_CALL // compact.shape[1] ** 2)  # same memory bound as the pipeline
+        for first in range(0, len(labels), chunk):
+            out = stats(compact[first:first + chunk], compact_labels[first:first + chunk])
+            boxes += int(out["n_boxes"].numpy().sum())
         examples += len(labels)
-        boxes += int(out["n_boxes"].numpy().sum())
     return {"seconds": time.perf_counter() - start, "examples": examples, "boxes": boxes,
             "peak_rss_mb": _peak_rss_mb()}
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from components.embedding_stats.options import EmbeddingStatsOptions
 from schemas import contract
 from tests import embedding_stats_reference as ref
 from tests.conftest import run_stats
@@ -91,8 +92,7 @@ def test_vectors_norms_and_z_scores_equal_numpy(stats_run, reference_input):
     assert (merged["label_x"] == merged["label_y"]).all()
     np.testing.assert_allclose(merged["l2_norm"], merged["l2"], rtol=FLOAT_RTOL)
     np.testing.assert_allclose(merged["l1_norm"], merged["l1"], rtol=FLOAT_RTOL)
-    np.testing.assert_allclose(merged["max_abs_x"] if "max_abs_x" in merged else merged["max_abs"],
-                               merged["max_abs_y"] if "max_abs_y" in merged else merged["max_abs"], rtol=FLOAT_RTOL)
+    np.testing.assert_allclose(merged["max_abs_y"], merged["max_abs_x"], rtol=FLOAT_RTOL)  # y: pipeline, x: numpy
     np.testing.assert_allclose(np.stack(merged["embedding"]), np.stack(merged["unit"]), atol=FLOAT_ATOL)
     # z over the whole dataset, population std.
     l2 = merged["l2"].to_numpy()
@@ -101,8 +101,7 @@ def test_vectors_norms_and_z_scores_equal_numpy(stats_run, reference_input):
 
 def test_norm_buckets_follow_independent_quantiles(stats_run):
     vectors = ref.read_table(stats_run.output_dir, contract.VECTORS_DIR).to_pandas()
-    buckets = stats_run.options.view_as(__import__(
-        "components.embedding_stats.options", fromlist=["x"]).EmbeddingStatsOptions).norm_buckets
+    buckets = stats_run.options.view_as(EmbeddingStatsOptions).norm_buckets
     ordered = vectors.sort_values("l2_norm")
     assert (np.diff(ordered["l2_norm_bucket"].to_numpy()) >= 0).all(), "bucket must be monotone in the norm"
     counts = np.bincount(vectors["l2_norm_bucket"], minlength=buckets)
@@ -171,3 +170,41 @@ def test_transform_graph_serves_the_same_preprocessing(stats_run, reference_inpu
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     valid = labels >= 0
     np.testing.assert_allclose(transformed["embedding"].numpy()[0][valid], unit[valid], atol=FLOAT_ATOL)
+
+
+@pytest.fixture(scope="module")
+def variant_runs(sample_input, tmp_path_factory):
+    """Runs with --center, and with --no-normalize --distance squared, on the shared input."""
+    runs = {}
+    for name, flags in {"center": ["--center"], "raw_squared": ["--no-normalize", "--distance", "squared"]}.items():
+        out = os.path.join(str(tmp_path_factory.mktemp(f"run_{name}")), "out")
+        run_stats(sample_input.pattern, out, sample_input.grid, *flags)
+        runs[name] = out
+    return runs
+
+
+def test_center_subtracts_the_dataset_mean_vector(variant_runs, reference_input):
+    mean = np.concatenate([emb[labels >= 0] for emb, labels in reference_input.values()]).mean(axis=0)
+    centered = {key: (emb - mean, labels) for key, (emb, labels) in reference_input.items()}
+    vectors = ref.read_table(variant_runs["center"], contract.VECTORS_DIR).to_pandas()
+    grid_boxes = {key: np.flatnonzero(labels >= 0) for key, (_, labels) in reference_input.items()}
+    for key, group in vectors.groupby("example_id"):
+        emb, _ = centered[key]
+        want = emb[grid_boxes[key]]
+        want = want / np.linalg.norm(want, axis=1, keepdims=True)
+        order = np.argsort(group["level"] * 10**6 + group["row"] * 10**4 + group["col"] * 100 + group["anchor"])
+        np.testing.assert_allclose(np.stack(group["embedding"].to_numpy()[order]), want, atol=1e-4)
+    rows = {row["example_id"]: row for row in ref.read_table(variant_runs["center"], contract.EXAMPLES_DIR).to_pylist()}
+    for key, (emb, labels) in centered.items():
+        _check_example_row(rows[key], ref.example_statistics(emb, labels, "euclidean"), key)
+
+
+def test_no_normalize_uses_raw_vectors_and_a_data_sized_histogram(variant_runs, reference_input):
+    out = variant_runs["raw_squared"]
+    rows = {row["example_id"]: row for row in ref.read_table(out, contract.EXAMPLES_DIR).to_pylist()}
+    for key, (emb, labels) in reference_input.items():
+        _check_example_row(rows[key], ref.example_statistics(emb, labels, "squared", normalize=False), key)
+    summary = json.load(open(os.path.join(out, contract.SUMMARY_FILE)))
+    largest = max(np.linalg.norm(emb[labels >= 0], axis=1).max() for emb, labels in reference_input.values())
+    assert summary["histogram"]["bin_edges"][-1] == pytest.approx((2 * largest) ** 2, rel=1e-4)
+    assert sum(summary["histogram"]["positive"]) == summary["pos_pairs"]

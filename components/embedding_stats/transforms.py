@@ -39,6 +39,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 READ_BUFFER_BYTES = 8 << 20  # tf.data read buffer per file
 VALIDATE_MAX_BATCH = 64  # records decoded and validated together
 TABLE_BATCH_ROWS = 4096  # rows gathered into one Parquet row group for small tables
+MAX_PAIR_CELLS_PER_CALL = 1 << 23  # bound on examples * boxes^2 per loss-graph call (memory)
 PROGRESS_EVERY_EXAMPLES = 500  # a progress line on stderr every this many examples (per worker)
 QUANTILE_POINTS = 101  # p00..p100 of the L2 norm; the summary keeps p01..p99
 PARQUET_CODEC = "snappy"
@@ -411,9 +412,7 @@ class _PairStatisticsFn(beam.DoFn):
         fed_max_norm = float(_column(batch, pp.OUT_FED_MAX_NORM)[0])
         upper_edge = histogram_range(self._distance, self._normalize, fed_max_norm)
 
-        compact, compact_labels = _compact(fed, labels)
-        stats, pos_hist, neg_hist = self._statistics(compact, compact_labels, np.float32(upper_edge))
-        stats = {name: value.numpy() for name, value in stats.items()}
+        stats, pos_hist, neg_hist = self._loss_graph(fed, labels, upper_edge)
 
         yield beam.pvalue.TaggedOutput(EXAMPLES, self._examples_table(ids, stats))
         valid = labels >= 0
@@ -422,7 +421,7 @@ class _PairStatisticsFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput(NORMS, l2.tolist())
         yield beam.pvalue.TaggedOutput(LABEL_SET, np.unique(labels[valid]).tolist())
         yield beam.pvalue.TaggedOutput(FED_MAX, fed_max_norm)
-        yield beam.pvalue.TaggedOutput(PARTIAL, _partial_summary(stats, l2, pos_hist.numpy(), neg_hist.numpy()))
+        yield beam.pvalue.TaggedOutput(PARTIAL, _partial_summary(stats, l2, pos_hist, neg_hist))
 
         empty = int((stats["n_boxes"] == 0).sum())
         self._examples_counter.inc(n)
@@ -433,6 +432,26 @@ class _PairStatisticsFn(beam.DoFn):
             rate = self._done / max(time.monotonic() - self._started, 1e-9)
             print(f"EmbeddingStats: {self._done} examples done on this worker ({rate:.1f} examples/s)",
                   file=sys.stderr, flush=True)
+
+    def _loss_graph(self, fed, labels, upper_edge):
+        """Statistics [n] per name and pos/neg histograms [bins] of one batch, in calls of bounded size.
+
+        Valid boxes are gathered first (m = most valid boxes in the batch); the batch is cut into
+        chunks of at most MAX_PAIR_CELLS_PER_CALL pair cells (chunk * m * m), so the graph's
+        O(boxes^2) intermediates stay bounded whatever --batch-size is.
+        """
+        compact, compact_labels = _compact(fed, labels)
+        m = compact.shape[1]
+        chunk = max(1, MAX_PAIR_CELLS_PER_CALL // (m * m))
+        parts, pos_hist, neg_hist = [], 0, 0
+        for start in range(0, len(compact), chunk):
+            stats, pos, neg = self._statistics(
+                compact[start:start + chunk], compact_labels[start:start + chunk], np.float32(upper_edge))
+            parts.append({name: value.numpy() for name, value in stats.items()})
+            pos_hist = pos_hist + pos.numpy()
+            neg_hist = neg_hist + neg.numpy()
+        stats = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        return stats, pos_hist, neg_hist
 
     @staticmethod
     def _examples_table(ids, stats) -> pa.Table:
