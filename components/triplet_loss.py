@@ -1,0 +1,524 @@
+"""Bounded triplet statistics and losses for padded per-image sets of box embeddings.
+
+This module is the single source of truth for the loss math (TensorFlow only, no
+Beam).  Inputs are padded sets:
+
+* ``embeddings`` ``[batch, boxes, dim]`` float32,
+* ``labels`` ``[batch, boxes]`` integer, ``-1`` = ignore (padding is ``-1``).
+
+Pairs and triplets are formed *within* each set (one image); use
+:func:`merge_sets` to treat a whole batch as one set.  Every function works inside
+``tf.function`` with unknown batch and set sizes, on CPU and GPU, with gradients.
+
+Why bounded: with L2-normalised vectors every distance is bounded
+(:func:`max_distance`), so every loss lies in ``[0, max_distance + margin]`` and
+cannot run off to ``-inf`` the way a raw Gram-matrix ("linear") loss does.
+
+Memory is O(batch * boxes^2), never O(boxes^3), although batch-all and semi-hard
+are exact over all triplets: for each anchor ``a`` its negative distances are
+sorted once (non-negatives pushed to ``+inf``) and prefix-summed.  For a positive
+``p`` with ``v = d(a, p) + margin``:
+
+* ``k = searchsorted(sorted_neg[a], v, side="left")`` = number of negatives with
+  ``d(a, n) < v``, i.e. the active triplets (hinge > 0) of ``(a, p)``;
+* their hinge sum is ``k * v - prefix[a, k]`` (sum of the ``k`` smallest);
+* semi-hard: ``searchsorted(sorted_neg[a], d(a, p), side="right")`` is the first
+  negative strictly farther than ``p`` (clamped to the farthest negative when
+  none is, as in tensorflow-addons' semi-hard loss).
+
+Gradients do not flow through the sort: each loss is also a count-weighted sum of
+distances (``sum k(a,p) d(a,p) - sum c(a,n) d(a,n)``, with integer counts from the
+same sorted rows), which is differentiated elementwise instead; backprop through
+sort + gather would cost twice the forward pass.
+
+Numerics: squared distances come from the Gram matrix, clamped at 0.  Before the
+Gram matrix, inputs are divided by a power of two near their max-abs value
+(exact in floating point, so ties stay ties), and distances are scaled back and
+capped at :data:`DISTANCE_CAP`, so huge finite inputs (1e30) never overflow.  The
+Euclidean root and the normalisation have finite gradients at coincident and
+zero vectors.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy as np
+import tensorflow as tf
+
+DISTANCES = ("euclidean", "squared", "cosine")
+MINING = ("batch_all", "batch_hard", "semi_hard")
+
+STATISTIC_NAMES = (
+    "n_boxes",
+    "n_identities",
+    "n_pos_pairs",
+    "n_neg_pairs",
+    "pos_dist_mean",
+    "pos_dist_max",
+    "neg_dist_mean",
+    "neg_dist_min",
+    "n_triplets",
+    "n_active_triplets",
+    "triplet_loss_sum",
+    "batch_all_loss",
+    "batch_hard_loss",
+    "semi_hard_loss",
+)
+_COUNT_NAMES = frozenset(
+    ("n_boxes", "n_identities", "n_pos_pairs", "n_neg_pairs", "n_triplets", "n_active_triplets")
+)
+
+# Floor for the norm in x / max(||x||, NORM_EPS) (same convention as
+# torch.nn.functional.normalize): a zero vector stays zero instead of dividing by 0.
+NORM_EPS = 1e-12
+# Squared distances (in max-abs-scaled units, where values are O(1)) at or below this
+# are treated as exactly 0 by the Euclidean root: sqrt has an infinite slope at 0.
+SQRT_EPS = 1e-12
+# Cap on any distance: sums over up to 2**31 terms of size <= 2**96 stay below the
+# float32 maximum (~2**128), so statistics of huge inputs stay finite.
+DISTANCE_CAP = 2.0**96
+
+_F32_EXPONENT_MASK = 0x7F800000  # IEEE-754 float32 exponent bits
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_distance(distance):
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}; expected one of {DISTANCES}")
+
+
+def _check_mining(mining):
+    if mining not in MINING:
+        raise ValueError(f"unknown mining {mining!r}; expected one of {MINING}")
+
+
+def _check_margin(margin) -> float:
+    """The margin as a Python float (it is part of the graph's structure, e.g. the bound)."""
+    value = float(margin)
+    if not value >= 0.0:  # also rejects NaN
+        raise ValueError(f"margin must be >= 0, got {margin!r}")
+    return value
+
+
+def max_distance(distance: str, normalize: bool = True) -> float:
+    """Upper bound of a distance: 2 (euclidean), 4 (squared), 2 (cosine) for unit vectors.
+
+    Cosine distance is scale-invariant, so it is bounded by 2 either way; unnormalised
+    euclidean/squared distances are unbounded (``math.inf``).
+    """
+    _check_distance(distance)
+    if distance == "cosine":
+        return 2.0
+    if not normalize:
+        return math.inf
+    return 2.0 if distance == "euclidean" else 4.0
+
+
+# --------------------------------------------------------------------------- norms
+
+
+def _pow2_floor(m):
+    """Largest power of two <= m for normal positive float32 m, else 1.
+
+    Dividing by a power of two is exact, so scaled integer inputs keep exact ties.
+    """
+    m = tf.convert_to_tensor(m, tf.float32)
+    bits = tf.bitwise.bitwise_and(tf.bitcast(m, tf.int32), _F32_EXPONENT_MASK)
+    p = tf.bitcast(bits, tf.float32)
+    ok = tf.logical_and(p > 0.0, tf.math.is_finite(p))  # zero, subnormal or inf -> 1
+    return tf.stop_gradient(tf.where(ok, p, tf.ones_like(p)))
+
+
+def _scaled_norm(x, axis=-1):
+    """Overflow/underflow-safe ||x|| = m * ||x / m|| (m ~ max|x|), 0 with zero gradient at x=0.
+
+    ``m`` is a constant for differentiation: m * ||x/m|| equals ||x|| for any fixed m.
+    """
+    m = tf.reduce_max(tf.abs(x), axis=axis, keepdims=True)
+    scale = _pow2_floor(m)
+    nonzero = m > 0.0
+    sumsq = tf.reduce_sum(tf.square(x / scale), axis=axis, keepdims=True)
+    # Double where: sqrt's slope at 0 must not reach the gradient of a zero vector.
+    safe_sumsq = tf.where(nonzero, sumsq, tf.ones_like(sumsq))
+    return tf.where(nonzero, scale * tf.sqrt(safe_sumsq), tf.zeros_like(sumsq))
+
+
+def vector_norms(x) -> dict:
+    """Per-vector norms over the last axis: ``{"l2", "l1", "max_abs"}``, shape ``x.shape[:-1]``.
+
+    The L2 norm is computed as ``m * ||x / m||`` so values like 1e30 do not overflow
+    when squared; the result is Inf only if the norm itself exceeds float32.
+    """
+    x = tf.convert_to_tensor(x, tf.float32)
+    max_abs = tf.reduce_max(tf.abs(x), axis=-1)
+    scale = tf.squeeze(_pow2_floor(max_abs[..., None]), -1)
+    l1 = scale * tf.reduce_sum(tf.abs(x / scale[..., None]), axis=-1)
+    l2 = tf.squeeze(_scaled_norm(x), -1)
+    return {"l2": l2, "l1": l1, "max_abs": max_abs}
+
+
+def l2_normalize(x, eps: float = NORM_EPS):
+    """``x / max(||x||, eps)`` over the last axis; zero vectors stay zero, huge ones don't overflow.
+
+    Vectors shorter than ``eps`` have no direction: their value is ``x / eps`` as the
+    formula says, but their gradient is 0 instead of the formula's ``1 / eps`` slope,
+    which would blow up plain SGD on the exact zero vectors of empty anchors.
+    """
+    x = tf.convert_to_tensor(x, tf.float32)
+    norm = _scaled_norm(x)
+    long_enough = norm >= eps
+    safe_norm = tf.where(long_enough, norm, tf.ones_like(norm))
+    return tf.where(long_enough, x / safe_norm, tf.stop_gradient(x / eps))
+
+
+# --------------------------------------------------------------------------- distances
+
+
+def _masked_embeddings(embeddings, valid):
+    """Zero padded/ignored boxes so their values (even NaN/huge) cannot leak into scales."""
+    return tf.where(valid[..., None], embeddings, tf.zeros_like(embeddings))
+
+
+def _squared_from_gram(x):
+    """Squared Euclidean distances of rows of ``x`` ``[b, n, d]`` via the Gram matrix, >= 0.
+
+    The squared norms are read off the Gram diagonal, so they are rounded exactly like
+    the cross terms and identical rows come out at distance 0, not ~1e-7.
+    """
+    gram = tf.matmul(x, x, transpose_b=True)
+    sq = tf.linalg.diag_part(gram)
+    d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * gram
+    d2 = tf.maximum(d2, 0.0)
+    n = tf.shape(x)[1]
+    return tf.linalg.set_diag(d2, tf.zeros(tf.stack([tf.shape(x)[0], n]), d2.dtype))
+
+
+def _safe_sqrt(d2):
+    """sqrt(d2) that is exactly 0 with a zero (finite) gradient where d2 <= SQRT_EPS."""
+    positive = d2 > SQRT_EPS
+    return tf.where(positive, tf.sqrt(tf.maximum(d2, SQRT_EPS)), tf.zeros_like(d2))
+
+
+def _distances(x, distance, normalize):
+    """Distances ``[b, n, n]`` between rows of ``x`` ``[b, n, d]`` (invalid rows already zero)."""
+    if distance == "cosine":
+        unit = l2_normalize(x)
+        cos = tf.matmul(unit, unit, transpose_b=True)
+        d = tf.clip_by_value(1.0 - cos, 0.0, max_distance("cosine"))
+        n = tf.shape(x)[1]
+        return tf.linalg.set_diag(d, tf.zeros(tf.stack([tf.shape(x)[0], n]), d.dtype))
+    if normalize:
+        d2 = _squared_from_gram(l2_normalize(x))
+        d = _safe_sqrt(d2) if distance == "euclidean" else d2
+        return tf.minimum(d, max_distance(distance, True))
+    return _unnormalized_distances(x, distance)
+
+
+def _unnormalized_distances(x, distance):
+    """Euclidean or squared distances of raw vectors, finite for any finite input.
+
+    Each set is divided by a power of two near its max-abs value so the squares in the
+    Gram matrix stay finite; distances are scaled back and capped at DISTANCE_CAP.
+    The gradient is written out (``d/dx_i ||x_i-x_j|| = (u_i-u_j)/||u_i-u_j||``,
+    ``d/dx_i ||x_i-x_j||^2 = 2 s (u_i-u_j)`` with ``u = x/s``) because autodiff through
+    the scaling would form ``s^2``, which overflows for s ~ 1e30 and turns 0 into NaN.
+    """
+    scale = _pow2_floor(tf.reduce_max(tf.abs(x), axis=[1, 2]))[:, None, None]
+
+    @tf.custom_gradient
+    def distances(x):
+        u = x / scale
+        d2 = _squared_from_gram(u)
+        if distance == "euclidean":
+            root = _safe_sqrt(d2)
+            d = tf.minimum(scale * root, DISTANCE_CAP)
+        else:
+            # Multiply back one factor at a time, capping in between: never Inf * 0.
+            d = tf.minimum(scale * tf.minimum(scale * d2, DISTANCE_CAP), DISTANCE_CAP)
+
+        def grad(upstream):
+            live = d < DISTANCE_CAP  # capped distances are constant
+            if distance == "euclidean":
+                live = tf.logical_and(live, d2 > SQRT_EPS)
+                safe_root = tf.where(live, root, tf.ones_like(root))
+                w = tf.where(live, upstream / safe_root, tf.zeros_like(upstream))
+            else:
+                w = tf.where(live, 2.0 * upstream, tf.zeros_like(upstream))
+            w = w + tf.linalg.matrix_transpose(w)  # d_ij depends on x_i and x_j
+            # sum_j w_ij (u_i - u_j) for every i
+            du = tf.reduce_sum(w, axis=-1, keepdims=True) * u - tf.matmul(w, u)
+            return du if distance == "euclidean" else scale * du
+
+        return d, grad
+
+    return distances(x)
+
+
+def pairwise_distances(embeddings, distance: str = "euclidean", normalize: bool = True):
+    """Distances within each set: ``[batch, boxes, dim]`` -> ``[batch, boxes, boxes]``.
+
+    ``euclidean`` = ||x-y||, ``squared`` = ||x-y||^2, ``cosine`` = 1 - cos(x, y)
+    (a zero vector has cosine 0 to everything).  With ``normalize`` the vectors are
+    first L2-normalised (``x / max(||x||, eps)``).  The diagonal is exactly 0.
+    """
+    _check_distance(distance)
+    x = tf.convert_to_tensor(embeddings, tf.float32)
+    return _distances(x, distance, normalize)
+
+
+# --------------------------------------------------------------------------- set structure
+
+_Geometry = collections.namedtuple(
+    "_Geometry", ["dist", "valid", "pos", "neg", "n_pos", "n_neg"]
+)
+
+
+def _geometry(embeddings, labels, distance, normalize):
+    """Distances and pair masks of each set.
+
+    Returns dist ``[b,n,n]``; valid ``[b,n]``; pos/neg ``[b,n,n]`` bool (ordered pairs,
+    pos excludes a == p); n_pos/n_neg ``[b,n]`` int32 per anchor.
+    """
+    embeddings = tf.convert_to_tensor(embeddings, tf.float32)
+    labels = tf.cast(tf.convert_to_tensor(labels), tf.int64)
+    valid = labels >= 0
+    dist = _distances(_masked_embeddings(embeddings, valid), distance, normalize)
+    both = tf.logical_and(valid[:, :, None], valid[:, None, :])
+    same = tf.equal(labels[:, :, None], labels[:, None, :])
+    n = tf.shape(labels)[1]
+    not_self = tf.logical_not(tf.eye(n, dtype=tf.bool))[None]
+    pos = tf.logical_and(tf.logical_and(both, same), not_self)
+    neg = tf.logical_and(both, tf.logical_not(same))
+    n_pos = tf.reduce_sum(tf.cast(pos, tf.int32), axis=-1)
+    n_neg = tf.reduce_sum(tf.cast(neg, tf.int32), axis=-1)
+    return _Geometry(dist, valid, pos, neg, n_pos, n_neg)
+
+
+_Sorted = collections.namedtuple("_Sorted", ["values", "cols"])
+
+
+def _sorted_negatives(g):
+    """Each anchor's negative distances ascending, with their columns.
+
+    values ``[b,n,n]`` (non-negatives pushed to +inf), cols ``[b,n,n]`` int32.  Sorted
+    without gradient: the losses below differentiate through ``g.dist`` directly.
+    """
+    inf = tf.constant(np.inf, tf.float32)
+    keys = tf.where(g.neg, tf.stop_gradient(g.dist), inf)
+    neg_values, cols = tf.math.top_k(-keys, k=tf.shape(keys)[-1], sorted=True)
+    return _Sorted(-neg_values, cols)
+
+
+def _row_counts(index, weight, depth):
+    """Per row histogram: out[b, a, j] = sum of weight[b, a, :] where index[b, a, :] == j.
+
+    index/weight ``[b,n,m]`` int32, output ``[b,n,depth]`` int32; O(b*n*(m+depth)).
+    """
+    shape = tf.shape(index)
+    rows = tf.range(shape[0] * shape[1])
+    ids = tf.reshape(index, tf.stack([-1, shape[2]])) + depth * rows[:, None]
+    flat_weight = tf.reshape(weight, tf.shape(ids))
+    counts = tf.math.unsorted_segment_sum(flat_weight, ids, shape[0] * shape[1] * depth)
+    return tf.reshape(counts, tf.stack([shape[0], shape[1], depth]))
+
+
+def _n_triplets(g):
+    """Triplets per set ``[b]`` int64: sum over anchors of n_pos(a) * n_neg(a)."""
+    return tf.reduce_sum(tf.cast(g.n_pos, tf.int64) * tf.cast(g.n_neg, tf.int64), axis=-1)
+
+
+def _loss_bound(distance, normalize, margin):
+    return max_distance(distance, normalize) + margin
+
+
+def _batch_all_terms(g, srt, margin):
+    """Exact hinge sum ``[b]`` float32 and active-triplet count ``[b]`` int64 over all triplets.
+
+    Value: per (a, p), with v = d(a,p) + margin and k = #negatives below v (searchsorted),
+    the hinge sum is k * v - (prefix sum of the k smallest negatives).
+    Gradient: the same total equals sum_p k(a,p) d(a,p) - sum_n c(a,n) d(a,n) + const,
+    where c(a,n) = #positives whose cut k exceeds n's sorted rank; differentiating that
+    elementwise form avoids backpropagating through sort and gather (2/3 of the time).
+    """
+    n = tf.shape(g.dist)[-1]
+    v = tf.stop_gradient(g.dist) + margin  # [b, a, p]
+    k = tf.searchsorted(srt.values, v, side="left")  # negatives with d(a,n) < v
+    k = tf.where(g.pos, k, tf.zeros_like(k))
+    finite = tf.where(tf.math.is_finite(srt.values), srt.values, tf.zeros_like(srt.values))
+    prefix = tf.pad(tf.cumsum(finite, axis=-1), [[0, 0], [0, 0], [1, 0]])  # [b, a, n+1]
+    k_float = tf.cast(k, tf.float32)
+    hinge = tf.maximum(k_float * v - tf.gather(prefix, k, batch_dims=2), 0.0)
+    value = tf.reduce_sum(tf.where(g.pos, hinge, tf.zeros_like(hinge)), axis=[1, 2])
+
+    # c in sorted order: #positives with k > rank, a suffix sum of the histogram of k.
+    hist = _row_counts(k, tf.cast(g.pos, tf.int32), n + 1)
+    above = tf.cumsum(hist, axis=-1, exclusive=True, reverse=True)[:, :, :n]
+    # Scatter back to column order (cols is a permutation of each row).
+    c = _row_counts(srt.cols, above, n)
+    linear = tf.reduce_sum(k_float * g.dist - tf.cast(c, tf.float32) * g.dist, axis=[1, 2])
+    hinge_sum = tf.stop_gradient(value) + (linear - tf.stop_gradient(linear))
+    n_active = tf.reduce_sum(tf.cast(k, tf.int64), axis=[1, 2])
+    return hinge_sum, n_active
+
+
+def _batch_all_loss(hinge_sum, n_active):
+    return tf.math.divide_no_nan(hinge_sum, tf.cast(n_active, tf.float32))
+
+
+def _batch_hard_loss(g, margin):
+    """Mean over anchors with a positive and a negative of max(0, max_p d - min_n d + margin)."""
+    zeros = tf.zeros_like(g.dist)
+    hardest_pos = tf.reduce_max(tf.where(g.pos, g.dist, zeros), axis=-1)
+    has_neg = g.n_neg > 0
+    hardest_neg = tf.reduce_min(tf.where(g.neg, g.dist, tf.fill(tf.shape(g.dist), np.inf)), axis=-1)
+    hardest_neg = tf.where(has_neg, hardest_neg, tf.zeros_like(hardest_neg))
+    anchor = tf.logical_and(g.n_pos > 0, has_neg)
+    hinge = tf.maximum(hardest_pos - hardest_neg + margin, 0.0)
+    total = tf.reduce_sum(tf.where(anchor, hinge, tf.zeros_like(hinge)), axis=-1)
+    count = tf.reduce_sum(tf.cast(anchor, tf.float32), axis=-1)
+    return tf.math.divide_no_nan(total, count)
+
+
+def _semi_hard_loss(g, srt, margin):
+    """Mean over (a, p) with a negative of max(0, d(a,p) - d(a,n*) + margin).
+
+    n* = nearest negative strictly farther than p (searchsorted side="right"), else the
+    farthest negative (tensorflow-addons convention): sorted rank min(first, n_neg-1).
+    The sum is differentiated as sum_active (d(a,p) + margin) - sum_n u(a,n) d(a,n),
+    u(a,n) = #active pairs choosing n, so no gradient flows through sort or gather.
+    """
+    n = tf.shape(g.dist)[-1]
+    first_farther = tf.searchsorted(srt.values, tf.stop_gradient(g.dist), side="right")
+    last = tf.maximum(g.n_neg - 1, 0)[:, :, None]
+    rank = tf.minimum(first_farther, last)
+    pair = tf.logical_and(g.pos, (g.n_neg > 0)[:, :, None])
+    chosen = tf.gather(srt.values, rank, batch_dims=2)
+    chosen = tf.where(pair, chosen, tf.zeros_like(chosen))
+    active = tf.logical_and(pair, tf.stop_gradient(g.dist) - chosen + margin > 0.0)
+    chosen_col = tf.gather(srt.cols, rank, batch_dims=2)
+    uses = _row_counts(chosen_col, tf.cast(active, tf.int32), n)
+    zeros = tf.zeros_like(g.dist)
+    total = tf.reduce_sum(
+        tf.where(active, g.dist + margin, zeros) - tf.cast(uses, tf.float32) * g.dist, axis=[1, 2]
+    )
+    count = tf.reduce_sum(tf.cast(pair, tf.float32), axis=[1, 2])
+    return tf.math.divide_no_nan(total, count)
+
+
+def _bounded(loss, bound):
+    """Guard the [0, bound] guarantee against float round-off (bound may be inf)."""
+    loss = tf.maximum(loss, 0.0)
+    return loss if math.isinf(bound) else tf.minimum(loss, bound)
+
+
+def _pair_statistics(g):
+    """Counts and distance summaries over unordered pairs (i < j) of valid boxes."""
+    n = tf.shape(g.valid)[1]
+    idx = tf.range(n)
+    upper = (idx[:, None] < idx[None, :])[None]
+    pos = tf.logical_and(g.pos, upper)
+    neg = tf.logical_and(g.neg, upper)
+    zeros = tf.zeros_like(g.dist)
+    n_pos_pairs = tf.reduce_sum(tf.cast(pos, tf.int64), axis=[1, 2])
+    n_neg_pairs = tf.reduce_sum(tf.cast(neg, tf.int64), axis=[1, 2])
+    pos_sum = tf.reduce_sum(tf.where(pos, g.dist, zeros), axis=[1, 2])
+    neg_sum = tf.reduce_sum(tf.where(neg, g.dist, zeros), axis=[1, 2])
+    pos_max = tf.reduce_max(tf.where(pos, g.dist, zeros), axis=[1, 2])
+    neg_min = tf.reduce_min(tf.where(neg, g.dist, tf.fill(tf.shape(g.dist), np.inf)), axis=[1, 2])
+    has_neg = n_neg_pairs > 0
+    return {
+        "n_pos_pairs": n_pos_pairs,
+        "n_neg_pairs": n_neg_pairs,
+        "pos_dist_mean": tf.math.divide_no_nan(pos_sum, tf.cast(n_pos_pairs, tf.float32)),
+        "pos_dist_max": pos_max,
+        "neg_dist_mean": tf.math.divide_no_nan(neg_sum, tf.cast(n_neg_pairs, tf.float32)),
+        "neg_dist_min": tf.where(has_neg, neg_min, tf.zeros_like(neg_min)),
+    }
+
+
+def _n_identities(labels, valid):
+    """Distinct labels >= 0 per set ``[b]`` int64: count boxes whose label has no earlier copy."""
+    n = tf.shape(labels)[1]
+    idx = tf.range(n)
+    earlier = (idx[None, :] < idx[:, None])[None]  # [1, i, j]: j before i
+    same = tf.equal(labels[:, :, None], labels[:, None, :])
+    dup = tf.reduce_any(tf.logical_and(tf.logical_and(same, earlier), valid[:, None, :]), axis=-1)
+    first = tf.logical_and(valid, tf.logical_not(dup))
+    return tf.reduce_sum(tf.cast(first, tf.int64), axis=-1)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def triplet_statistics(embeddings, labels, *, margin=0.2, distance="euclidean", normalize=True):
+    """Per-set statistics: dict of ``[batch]`` tensors keyed by :data:`STATISTIC_NAMES` (in order).
+
+    ``embeddings`` ``[batch, boxes, dim]``, ``labels`` ``[batch, boxes]`` (-1 = ignore).
+    Counts are int64, the rest float32.  An undefined mean/min/max (e.g. no positive
+    pair) is 0 and its count is 0.
+    """
+    _check_distance(distance)
+    margin = _check_margin(margin)
+    labels = tf.cast(tf.convert_to_tensor(labels), tf.int64)
+    g = _geometry(embeddings, labels, distance, normalize)
+    srt = _sorted_negatives(g)
+    hinge_sum, n_active = _batch_all_terms(g, srt, margin)
+    bound = _loss_bound(distance, normalize, margin)
+    stats = {
+        "n_boxes": tf.reduce_sum(tf.cast(g.valid, tf.int64), axis=-1),
+        "n_identities": _n_identities(labels, g.valid),
+        **_pair_statistics(g),
+        "n_triplets": _n_triplets(g),
+        "n_active_triplets": n_active,
+        "triplet_loss_sum": tf.maximum(hinge_sum, 0.0),
+        "batch_all_loss": _bounded(_batch_all_loss(hinge_sum, n_active), bound),
+        "batch_hard_loss": _bounded(_batch_hard_loss(g, margin), bound),
+        "semi_hard_loss": _bounded(_semi_hard_loss(g, srt, margin), bound),
+    }
+    return {
+        name: tf.cast(stats[name], tf.int64 if name in _COUNT_NAMES else tf.float32)
+        for name in STATISTIC_NAMES
+    }
+
+
+def triplet_loss(
+    embeddings, labels, *, mining="batch_all", margin=0.2, distance="euclidean", normalize=True
+):
+    """Scalar training loss: mean over sets with >= 1 triplet of the set's ``mining`` loss.
+
+    ``batch_all``: mean hinge over active triplets; ``batch_hard``: mean over anchors of
+    the hardest-positive/hardest-negative hinge; ``semi_hard``: tensorflow-addons style.
+    Returns 0 when no set has a triplet.  Differentiable; with ``normalize`` it lies in
+    ``[0, max_distance + margin]``.
+    """
+    _check_mining(mining)
+    _check_distance(distance)
+    margin = _check_margin(margin)
+    g = _geometry(embeddings, labels, distance, normalize)
+    if mining == "batch_hard":
+        per_set = _batch_hard_loss(g, margin)
+    else:
+        srt = _sorted_negatives(g)
+        if mining == "batch_all":
+            per_set = _batch_all_loss(*_batch_all_terms(g, srt, margin))
+        else:
+            per_set = _semi_hard_loss(g, srt, margin)
+    per_set = _bounded(per_set, _loss_bound(distance, normalize, margin))
+    has_triplet = _n_triplets(g) > 0
+    total = tf.reduce_sum(tf.where(has_triplet, per_set, tf.zeros_like(per_set)))
+    return tf.math.divide_no_nan(total, tf.reduce_sum(tf.cast(has_triplet, tf.float32)))
+
+
+def merge_sets(embeddings, labels):
+    """One set from a batch: ``[b, n, d]``/``[b, n]`` -> ``[1, b*n, d]``/``[1, b*n]``.
+
+    For the "batch" pair scope, where identity labels are global across images.
+    """
+    embeddings = tf.convert_to_tensor(embeddings)
+    labels = tf.convert_to_tensor(labels)
+    dim = embeddings.shape[-1] if embeddings.shape[-1] is not None else tf.shape(embeddings)[-1]
+    return tf.reshape(embeddings, [1, -1, dim]), tf.reshape(labels, [1, -1])
