@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from components import triplet_loss
 from components.trainer import spec as spec_lib
 
 
@@ -22,9 +23,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="SavedModel, metrics.json and checkpoints go here")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images (sets) per step, over all devices")
-    p.add_argument("--mining", default=d.mining, choices=("batch_all", "batch_hard", "semi_hard"))
+    p.add_argument("--mining", default=d.mining, choices=triplet_loss.MINING)
     p.add_argument("--margin", type=float, default=d.margin)
-    p.add_argument("--distance", default=d.distance, choices=("euclidean", "squared", "cosine"))
+    p.add_argument("--distance", default=d.distance, choices=triplet_loss.DISTANCES)
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
     p.add_argument("--hidden", type=_widths, default=d.hidden, help="hidden ReLU layer widths, e.g. 256,256 (default: none)")
     p.add_argument("--seed", type=int, default=d.seed)
