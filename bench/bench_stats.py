@@ -71,8 +71,9 @@ def child_floor(input_glob: str) -> dict:
     examples = boxes = 0
     for batch in dataset:
         labels = batch[contract.LABELS].numpy()
-        compact, compact_labels = _compact(batch[contract.EMBEDDINGS].numpy(), labels)
-        chunk = max(1, MAX_PAIR_CELLS_PER_CALL // compact.shape[1] ** 2)  # same memory bound as the pipeline
+        m = max(1, int((labels >= 0).sum(axis=1).max()))  # valid boxes first, tail of empty boxes dropped
+        compact, compact_labels = _compact(batch[contract.EMBEDDINGS].numpy(), labels, m)
+        chunk = max(1, MAX_PAIR_CELLS_PER_CALL // m ** 2)  # same memory bound as the pipeline
         for first in range(0, len(labels), chunk):
             out = stats(compact[first:first + chunk], compact_labels[first:first + chunk])
             boxes += int(out["n_boxes"].numpy().sum())

@@ -63,6 +63,9 @@ def run(argv=None) -> int:
         print(f"{PROG}: error: the run failed, nothing was published: {type(error).__name__}: "
               f"{str(error).splitlines()[0] if str(error) else ''}", file=sys.stderr)
         return EXIT_FAILED
+    if result.dry_run:
+        print(f"EmbeddingStats: dry run: job built, nothing ran, nothing written under {result.output_dir}")
+        return EXIT_OK
     s = result.summary
     print(f"EmbeddingStats: {s['records_read']} records read, {s['records_good']} good, "
           f"{s['records_rejected']} rejected; outputs under {result.output_dir}")

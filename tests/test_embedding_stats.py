@@ -208,3 +208,28 @@ def test_no_normalize_uses_raw_vectors_and_a_data_sized_histogram(variant_runs, 
     largest = max(np.linalg.norm(emb[labels >= 0], axis=1).max() for emb, labels in reference_input.values())
     assert summary["histogram"]["bin_edges"][-1] == pytest.approx((2 * largest) ** 2, rel=1e-4)
     assert sum(summary["histogram"]["positive"]) == summary["pos_pairs"]
+
+
+def test_an_examples_statistics_do_not_depend_on_its_batch_mates():
+    """Bitwise: every runner batches differently, so results must not depend on the batch."""
+    from components.embedding_stats import transforms as t
+
+    grid = contract.GridSpec(1, 6, 6, 3, dim=8)  # 108 boxes: set sizes on both sides of SET_SIZE_STEP
+    rng = np.random.default_rng(0)
+    n = 6
+    fed = rng.normal(size=(n, grid.boxes, grid.dim)).astype(np.float32)
+    labels = rng.integers(0, 4, size=(n, grid.boxes))
+    for i, keep in enumerate([3, 40, 70, 100, 108, 0]):  # valid boxes per example
+        labels[i, keep:] = contract.EMPTY_LABEL
+    fn = t._PairStatisticsFn(grid, margin=0.2, distance="euclidean", normalize=True, bins=16)
+    fn.setup()
+    together, pos, neg = fn._loss_graph(fed, labels, 2.0)
+    pos_alone, neg_alone = 0, 0
+    for i in range(n):
+        alone, p, q = fn._loss_graph(fed[i:i + 1], labels[i:i + 1], 2.0)
+        pos_alone, neg_alone = pos_alone + p, neg_alone + q
+        for name in together:
+            assert together[name][i] == alone[name][0] or (np.isnan(alone[name][0]) and np.isnan(together[name][i])), (
+                i, name)
+    assert (pos == pos_alone).all() and (neg == neg_alone).all()
+    assert together["n_boxes"].tolist() == [3, 40, 70, 100, 108, 0]

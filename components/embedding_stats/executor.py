@@ -24,6 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 from components.embedding_stats import transforms as t
 from components.embedding_stats.options import (
     EmbeddingStatsOptions,
+    stage_project_code,
     use_local_runner_by_default,
     validate_options,
 )
@@ -46,6 +47,7 @@ class RunResult:
     summary: dict
     manifest: dict
     warnings: list
+    dry_run: bool = False
 
 
 def _is_local(path: str) -> bool:
@@ -135,6 +137,7 @@ def build_pipeline(p: beam.Pipeline, options, *, output_dir: str | None = None, 
 def create_pipeline(options) -> beam.Pipeline:
     """A pipeline writing straight into --output (no temp dir, no manifest), e.g. for Dataflow."""
     use_local_runner_by_default(options)
+    stage_project_code(options)
     p = beam.Pipeline(options=options)
     build_pipeline(p, options)
     return p
@@ -201,6 +204,8 @@ def execute(options) -> RunResult:
     output_dir = opts.output.rstrip("/")
     check_output(output_dir)
     use_local_runner_by_default(options)
+    stage_project_code(options)
+    dry_run = options.view_as(beam.options.pipeline_options.TestOptions).dry_run
     temp_dir = f"{output_dir}{TEMP_SUFFIX}{uuid.uuid4().hex[:8]}"
     start = _utc_now()
     try:
@@ -210,6 +215,10 @@ def execute(options) -> RunResult:
         state = result.wait_until_finish()
         if state not in (None, beam.runners.runner.PipelineState.DONE):
             raise RuntimeError(f"pipeline ended in state {state}")
+        if dry_run:  # e.g. Dataflow --dry_run: the job was built, nothing ran, nothing to publish
+            if _is_local(temp_dir):
+                _delete_tree(temp_dir)
+            return RunResult(output_dir, {}, {}, [], dry_run=True)
         _delete_tree(FileSystems.join(temp_dir, TFT_TEMP_DIR))
         summary = _read_json(FileSystems.join(temp_dir, contract.SUMMARY_FILE))
         manifest = {

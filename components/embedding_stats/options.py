@@ -8,8 +8,14 @@ values into one-line `ValueError`s before any work starts.
 from __future__ import annotations
 
 import math
+import os
 
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    SetupOptions,
+    StandardOptions,
+    WorkerOptions,
+)
 
 from components import triplet_loss
 from schemas import contract
@@ -23,6 +29,9 @@ DEFAULT_HISTOGRAM_BINS = 200  # fixed bins of the pair-distance histograms
 # tries to download the Prism binary, and honours --direct_running_mode/--direct_num_workers.
 LOCAL_RUNNER = "FnApiRunner"
 PRISM_FIRST_RUNNERS = ("DirectRunner", "SwitchingDirectRunner")
+# The project's pyproject.toml: Dataflow workers get tripletflow from the sdist built from it.
+PYPROJECT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                         "pyproject.toml")
 
 
 class EmbeddingStatsOptions(PipelineOptions):
@@ -85,3 +94,13 @@ def use_local_runner_by_default(options: PipelineOptions) -> None:
     standard = options.view_as(StandardOptions)
     if standard.runner is None or standard.runner in PRISM_FIRST_RUNNERS:
         standard.runner = LOCAL_RUNNER
+
+
+def stage_project_code(options: PipelineOptions) -> None:
+    """Dataflow workers need tripletflow: stage the sdist built from pyproject.toml unless told otherwise."""
+    setup = options.view_as(SetupOptions)
+    worker = options.view_as(WorkerOptions)
+    runner = options.view_as(StandardOptions).runner or ""
+    if (runner.endswith("DataflowRunner") and not (setup.setup_file or setup.extra_packages
+                                                   or worker.sdk_container_image) and os.path.exists(PYPROJECT)):
+        setup.setup_file = PYPROJECT

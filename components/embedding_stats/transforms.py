@@ -39,6 +39,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 READ_BUFFER_BYTES = 8 << 20  # tf.data read buffer per file
 VALIDATE_MAX_BATCH = 64  # records decoded and validated together
 TABLE_BATCH_ROWS = 4096  # rows gathered into one Parquet row group for small tables
+SET_SIZE_STEP = 64  # padded set sizes: powers of two up to this, then multiples of it
 MAX_PAIR_CELLS_PER_CALL = 1 << 23  # bound on examples * boxes^2 per loss-graph call (memory)
 PROGRESS_EVERY_EXAMPLES = 500  # a progress line on stderr every this many examples (per worker)
 QUANTILE_POINTS = 101  # p00..p100 of the L2 norm; the summary keeps p01..p99
@@ -321,21 +322,37 @@ def _column(batch: pa.RecordBatch, name: str) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False)
 
 
-def _compact(embeddings, labels):
-    """Moves each example's valid boxes first and drops the all-empty tail.
+def padded_set_size(valid_boxes: int) -> int:
+    """Boxes of the padded set an example is computed in: depends on that example alone.
 
-    [n, boxes, dim], [n, boxes] -> [n, m, dim], [n, m], m = max valid boxes (>= 1); padding
-    has label -1 and zero vectors. The loss graph is O(boxes^2): sparse grids get far cheaper.
+    Next power of two up to SET_SIZE_STEP, then the next multiple of SET_SIZE_STEP, so an
+    example's floating-point reductions never depend on which examples share its batch
+    (identical results on every runner), with little padding (1690 boxes -> 1728).
+    """
+    count = max(1, int(valid_boxes))
+    if count <= SET_SIZE_STEP:
+        return 1 << (count - 1).bit_length()
+    return -(-count // SET_SIZE_STEP) * SET_SIZE_STEP
+
+
+def _compact(embeddings, labels, m):
+    """Moves each example's valid boxes first into a padded set of `m` boxes (m >= valid boxes).
+
+    [n, boxes, dim], [n, boxes] -> [n, m, dim], [n, m]; padding has label -1 and zero vectors.
+    The loss graph is O(m^2): sparse grids get far cheaper than the full grid.
     """
     valid = labels >= 0
     counts = valid.sum(axis=1)
-    m = max(1, int(counts.max(initial=0)))
     order = np.argsort(~valid, axis=1, kind="stable")[:, :m]
     compact_labels = np.take_along_axis(labels, order, axis=1)
     compact = np.take_along_axis(embeddings, order[:, :, None], axis=1)
-    padding = np.arange(m)[None, :] >= counts[:, None]
+    padding = np.arange(order.shape[1])[None, :] >= counts[:, None]
     compact_labels[padding] = contract.EMPTY_LABEL
     compact[padding] = 0.0
+    if order.shape[1] < m:  # the set is larger than the grid: pad further
+        extra = m - order.shape[1]
+        compact = np.pad(compact, [(0, 0), (0, extra), (0, 0)])
+        compact_labels = np.pad(compact_labels, [(0, 0), (0, extra)], constant_values=contract.EMPTY_LABEL)
     return compact, compact_labels
 
 
@@ -351,6 +368,23 @@ def histogram_range(distance: str, normalize: bool, fed_max_norm: float) -> floa
 
 def histogram_edges(distance: str, normalize: bool, fed_max_norm: float, bins: int) -> np.ndarray:
     return np.linspace(0.0, histogram_range(distance, normalize, fed_max_norm), bins + 1)
+
+
+FAULT_ENV = "TRIPLETFLOW_TEST_KILL_WORKER_ONCE"  # test-only: path of a marker file; unset in production
+KILLED_WORKER_EXIT_CODE = 17
+
+
+def _maybe_kill_worker_once():
+    """Test-only fault (issue #7): the first worker to get here creates the marker and dies (os._exit)."""
+    marker = os.environ.get(FAULT_ENV)
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(KILLED_WORKER_EXIT_CODE)
 
 
 class _PairStatisticsFn(beam.DoFn):
@@ -402,6 +436,7 @@ class _PairStatisticsFn(beam.DoFn):
         self._started = time.monotonic()
 
     def process(self, batch: pa.RecordBatch):
+        _maybe_kill_worker_once()
         grid = self._grid
         n = batch.num_rows
         if n == 0:
@@ -436,21 +471,25 @@ class _PairStatisticsFn(beam.DoFn):
     def _loss_graph(self, fed, labels, upper_edge):
         """Statistics [n] per name and pos/neg histograms [bins] of one batch, in calls of bounded size.
 
-        Valid boxes are gathered first (m = most valid boxes in the batch); the batch is cut into
-        chunks of at most MAX_PAIR_CELLS_PER_CALL pair cells (chunk * m * m), so the graph's
-        O(boxes^2) intermediates stay bounded whatever --batch-size is.
+        Examples are grouped by their padded set size (`padded_set_size`, valid boxes first), one
+        compiled call per group, cut into chunks of at most MAX_PAIR_CELLS_PER_CALL pair cells
+        (chunk * m * m) so the graph's O(boxes^2) intermediates stay bounded whatever --batch-size is.
         """
-        compact, compact_labels = _compact(fed, labels)
-        m = compact.shape[1]
-        chunk = max(1, MAX_PAIR_CELLS_PER_CALL // (m * m))
-        parts, pos_hist, neg_hist = [], 0, 0
-        for start in range(0, len(compact), chunk):
-            stats, pos, neg = self._statistics(
-                compact[start:start + chunk], compact_labels[start:start + chunk], np.float32(upper_edge))
-            parts.append({name: value.numpy() for name, value in stats.items()})
-            pos_hist = pos_hist + pos.numpy()
-            neg_hist = neg_hist + neg.numpy()
-        stats = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        sizes = np.array([padded_set_size(c) for c in (labels >= 0).sum(axis=1)])
+        stats, pos_hist, neg_hist = None, 0, 0
+        for m in np.unique(sizes):
+            members = np.flatnonzero(sizes == m)
+            compact, compact_labels = _compact(fed[members], labels[members], int(m))
+            chunk = max(1, MAX_PAIR_CELLS_PER_CALL // int(m * m))
+            for first in range(0, len(members), chunk):
+                part, pos, neg = self._statistics(
+                    compact[first:first + chunk], compact_labels[first:first + chunk], np.float32(upper_edge))
+                if stats is None:
+                    stats = {name: np.zeros(len(labels), value.dtype.as_numpy_dtype) for name, value in part.items()}
+                for name, value in part.items():
+                    stats[name][members[first:first + chunk]] = value.numpy()
+                pos_hist = pos_hist + pos.numpy()
+                neg_hist = neg_hist + neg.numpy()
         return stats, pos_hist, neg_hist
 
     @staticmethod
