@@ -64,7 +64,7 @@ def child_floor(input_glob: str) -> dict:
         contract.EMBEDDINGS: tf.io.FixedLenFeature([grid.boxes, grid.dim], tf.float32),
         contract.LABELS: tf.io.FixedLenFeature([grid.boxes], tf.int64),
     }
-    stats = tf.function(lambda e, l: triplet_loss.triplet_statistics(e, l), input_signature=[
+    stats = tf.function(lambda e, l: triplet_loss.triplet_statistics(e, l), autograph=False, input_signature=[
         tf.TensorSpec([None, None, grid.dim], tf.float32), tf.TensorSpec([None, None], tf.int64)])
     files = sorted(glob.glob(input_glob))
     dataset = tf.data.TFRecordDataset(files).batch(BATCH_SIZE).map(lambda raw: tf.io.parse_example(raw, spec))

@@ -409,7 +409,7 @@ class _PairStatisticsFn(beam.DoFn):
         @tf.function(input_signature=[
             tf.TensorSpec([None, None, self._grid.dim], tf.float32),
             tf.TensorSpec([None, None], tf.int64),
-            tf.TensorSpec([], tf.float32)], reduce_retracing=True)
+            tf.TensorSpec([], tf.float32)], autograph=False)  # plain TF ops: no AutoGraph conversion (start-up)
         def statistics(embeddings, labels, upper_edge):
             stats = triplet_loss.triplet_statistics(
                 embeddings, labels, margin=margin, distance=distance, normalize=normalize)
