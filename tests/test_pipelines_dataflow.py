@@ -86,7 +86,8 @@ def _images(job) -> set:
 
 
 def test_dry_run_builds_the_dataflow_job_with_the_project_package_staged(offline_gcp, input_glob, tmp_path):
-    job = _dry_run_job(input_glob, str(tmp_path / "out"), f"--setup_file={REPO / 'pyproject.toml'}")
+    """The README's command as written (no --setup_file): the project's sdist is staged by default."""
+    job = _dry_run_job(input_glob, str(tmp_path / "out"))
     names = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
     assert EXPECTED_STEPS <= names and EXPECTED_SINKS <= names
     assert "AnalyzeNorms/WriteTransformFn" in names  # tf.Transform's graph is written by the job itself
@@ -123,10 +124,11 @@ def test_cli_dry_run_exits_cleanly_without_cloud_access(input_glob, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "run", "--runner", "DataflowRunner", "--project", PROJECT,
          "--region", REGION, "--temp_location", TEMP, "--input", input_glob, "--output", str(output),
-         "--grid", GRID, "--dim", str(DIM), f"--setup_file={REPO / 'pyproject.toml'}", "--dry_run=True"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+         "--grid", GRID, "--dim", str(DIM), "--dry_run=True"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert not (output / contract.MANIFEST_FILE).exists()  # a dry run runs nothing
+    assert not output.exists()  # a dry run runs nothing and publishes nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary sibling left behind
 
 
 # ---------------------------------------------------------------------------

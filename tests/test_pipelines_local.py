@@ -11,6 +11,7 @@ with the exact same outputs.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -147,8 +148,12 @@ def test_a_killed_worker_fails_the_run_without_publishing_and_a_rerun_succeeds(s
 def test_nightly_retries_a_run_whose_worker_died_and_publishes_exact_outputs(stats_run, tmp_path, monkeypatch, capsys):
     marker = tmp_path / "killed"
     monkeypatch.setenv(FAULT_ENV, str(marker))
+    partition = tmp_path / "in" / "date=2024-05-01"  # the shared sample as one date's partition
+    partition.mkdir(parents=True)
+    for source in stats_run.input.files:
+        shutil.copy(source, partition)
     flags = [f for f in stats_flags(stats_run) if f not in ("--input", stats_run.input.pattern)]
-    code = nightly.run(["--input-template", stats_run.input.pattern,
+    code = nightly.run(["--input-template", str(tmp_path / "in" / "date={date}" / "*"),
                         "--output-template", str(tmp_path / "out" / "date={date}"),
                         "--date", "2024-05-01", "--attempts", "2", *flags, *MULTI_PROCESS_FLAGS])
     out = capsys.readouterr().out
