@@ -208,7 +208,7 @@ def test_read_and_validate_transforms_route_records(bad_input):
         read = p | t.ReadRecords([bad_input["mixed"], bad_input["empty"], bad_input["framing"]["bad-crc"][0]])
         validated = read.records | t.ValidateRecords(GRID)
         reasons = ((read[t.DEAD], validated[t.DEAD]) | beam.Flatten() | beam.Map(lambda row: row["reason"]))
-        n_good = validated.good | "CountGood" >> beam.combiners.Count.Globally()
+        n_good = validated.good | "Rows" >> beam.Map(lambda batch: batch.num_rows) | "CountGood" >> beam.CombineGlobally(sum)
         assert_that(reasons, equal_to([reason for _, reason in bad_input["bad"].values()] + [R.CORRUPT_FILE]),
                     label="reasons")
         assert_that(n_good, equal_to([len(bad_input["good"]) + 1]), label="good")

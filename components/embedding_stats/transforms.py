@@ -2,9 +2,10 @@
 
 ReadRecords -> ValidateRecords -> AnalyzeNorms (tf.Transform) -> PairStatistics ->
 Summarize -> WriteOutputs. Records are read per file with tf.data (compression chosen
-by the file's content, framing errors caught per file), validated in batches with numpy
-on the Arrow buffers of tfx-bsl's Example decoder, and the good raw records are decoded
-to Arrow record batches by TFXIO (`TFExampleBeamRecord`) for tf.Transform.
+by the file's content, framing errors caught per file), decoded in batches to Arrow by
+tfx-bsl's Example decoder (the decoder inside TFXIO's TFExampleRecord) and validated with
+numpy on the Arrow buffers; the good rows go on as record batches to tf.Transform through
+TFXIO's TensorAdapterConfig (`TFExampleBeamRecord`), one decode per record.
 
 Memory stays bounded on every runner: big payloads (records, vectors) only flow through
 fused ParDos; what crosses a shuffle or a side input is small (file names, the transform
@@ -37,6 +38,7 @@ METRICS_NAMESPACE = "tripletflow.embedding_stats"
 DEAD = "dead_letter"  # tag of dead-letter outputs
 GZIP_MAGIC = b"\x1f\x8b"
 READ_BUFFER_BYTES = 8 << 20  # tf.data read buffer per file
+READ_BATCH = 64  # records fetched per tf.data step
 VALIDATE_MAX_BATCH = 64  # records decoded and validated together
 TABLE_BATCH_ROWS = 4096  # rows gathered into one Parquet row group for small tables
 SET_SIZE_STEP = 64  # padded set sizes: powers of two up to this, then multiples of it
@@ -93,9 +95,17 @@ class _ReadFileFn(beam.DoFn):
         try:
             compression = detect_compression(path)
             dataset = tf.data.TFRecordDataset(path, compression_type=compression, buffer_size=READ_BUFFER_BYTES)
-            for record in dataset.as_numpy_iterator():
-                yield path, record
-                index += 1
+            try:  # fast path: records in batches (one eager step per READ_BATCH records)
+                for records in dataset.batch(READ_BATCH).as_numpy_iterator():
+                    for record in records:
+                        yield path, record
+                    index += len(records)
+            except tf.errors.OpError:
+                # The batch holding the break is lost: re-read one by one from the first record not
+                # yet emitted, so every record before the break is kept and the error is exact.
+                for record in dataset.skip(index).as_numpy_iterator():
+                    yield path, record
+                    index += 1
         except (tf.errors.OpError, OSError) as error:
             message = _clean_tf_message(getattr(error, "message", None) or str(error))
             detail = f"TFRecord framing broken after {index} good record(s); rest of file skipped: {message}"
@@ -128,7 +138,12 @@ class ReadRecords(beam.PTransform):
 
 
 class _ValidateFn(beam.DoFn):
-    """[(source_file, raw)] -> good raw bytes; DEAD: rows with their reason (see contract.Reason)."""
+    """[(source_file, raw)] -> Arrow record batch of the good records; DEAD: rows with their reason.
+
+    Decoding is tfx-bsl's Example decoder with the input schema: the very decoder TFXIO's
+    TFExampleRecord runs, so the record batches are exactly what TFXIO would produce and
+    tf.Transform consumes them through TFXIO's TensorAdapterConfig (one decode per record).
+    """
 
     def __init__(self, grid: contract.GridSpec, emit: bool):
         self._grid = grid
@@ -228,20 +243,20 @@ class _ValidateFn(beam.DoFn):
                 if reason is not None:
                     rejected[i] = (reason, detail, example_id)
         for i, (source_file, raw) in enumerate(batch):
-            if i in rejected:
+            if i in rejected and self._emit:
                 reason, detail, example_id = rejected[i]
-                if self._emit:
-                    self._rejected[reason].inc()
-                    yield beam.pvalue.TaggedOutput(DEAD, dead_letter(source_file, reason, detail, example_id, raw))
-            else:
-                yield raw
+                self._rejected[reason].inc()
+                yield beam.pvalue.TaggedOutput(DEAD, dead_letter(source_file, reason, detail, example_id, raw))
+        good_rows = [row for row, i in enumerate(kept) if i not in rejected]
+        if good_rows:
+            yield decoded if len(good_rows) == decoded.num_rows else decoded.take(pa.array(good_rows))
         if self._emit:
             self._read.inc(len(batch))
             self._good.inc(len(batch) - len(rejected))
 
 
 class ValidateRecords(beam.PTransform):
-    """(source_file, raw) -> tagged outputs: main good raw bytes, DEAD rejected rows (when `emit`)."""
+    """(source_file, raw) -> tagged outputs: main record batches of good records, DEAD rejected rows (when `emit`)."""
 
     def __init__(self, grid: contract.GridSpec, emit: bool = True):
         super().__init__()
@@ -260,7 +275,7 @@ class ValidateRecords(beam.PTransform):
 
 
 def example_tfxio(grid: contract.GridSpec):
-    """TFXIO over good raw records (bytes): TFXIO decodes them into Arrow record batches."""
+    """TFXIO of the input records: its TensorAdapterConfig maps the decoded columns to tensors for TFT."""
     from tfx_bsl.public import tfxio
 
     return tfxio.TFExampleBeamRecord(
@@ -269,7 +284,7 @@ def example_tfxio(grid: contract.GridSpec):
 
 
 class AnalyzeNorms(beam.PTransform):
-    """(good raw for analysis, good raw for transform) -> (transformed record batches, transform_fn).
+    """(good record batches for analysis, the same for transform) -> (transformed record batches, transform_fn).
 
     Runs tf.Transform's analyze phase over the first PCollection and the transform phase over
     the second (two reads of the same records: neither pass waits on the other's data).
@@ -288,19 +303,17 @@ class AnalyzeNorms(beam.PTransform):
         import tensorflow_transform.beam as tft_beam
         from tensorflow_transform.tf_metadata import dataset_metadata
 
-        analysis_raw, transform_raw = pcolls
+        analysis_batches, transform_batches = pcolls
         io = example_tfxio(self._grid)
         with tft_beam.Context(temp_dir=self._temp_dir, desired_batch_size=self._batch_size):
-            analysis_batches = analysis_raw | "DecodeForAnalysis" >> io.BeamSource(batch_size=self._batch_size)
             transform_fn = (analysis_batches, io.TensorAdapterConfig()) | "Analyze" >> tft_beam.AnalyzeDataset(self._fn)
-            transform_batches = transform_raw | "DecodeForTransform" >> io.BeamSource(batch_size=self._batch_size)
             transformed, _ = (
                 ((transform_batches, io.TensorAdapterConfig()), transform_fn)
                 | "Transform" >> tft_beam.TransformDataset(output_record_batches=True))
             _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(self._transform_graph_dir)
             _ = (dataset_metadata.DatasetMetadata(contract.input_schema(self._grid))
                  | "WriteRawMetadata" >> tft_beam.WriteMetadata(
-                     FileSystems.join(self._transform_graph_dir, "metadata"), analysis_raw.pipeline))
+                     FileSystems.join(self._transform_graph_dir, "metadata"), analysis_batches.pipeline))
         return transformed | "DropPassthrough" >> beam.Map(lambda item: item[0]), transform_fn
 
 
