@@ -114,17 +114,19 @@ def build_pipeline(p: beam.Pipeline, options, *, output_dir: str | None = None, 
     files = list(input_files) if input_files is not None else expand_input(opts.input)
     temp_dir = FileSystems.join(output_dir, TFT_TEMP_DIR)
 
-    # Two reads of the same files: one feeds tf.Transform's analysis, the other the transform
-    # and everything downstream (only this one reports dead letters and counters).
-    read = p | "ReadRecords" >> t.ReadRecords(files, emit_metrics=True)
-    validated = read.records | "ValidateRecords" >> t.ValidateRecords(grid, emit=True)
+    # Two reads of the same files: the first feeds tf.Transform's analysis; the second, started
+    # once the transform graph exists, feeds the transform and everything downstream (only this
+    # one reports dead letters and counters).
     analysis_read = p | "ReadForAnalysis" >> t.ReadRecords(files, emit_metrics=False)
     analysis_good = analysis_read.records | "ValidateForAnalysis" >> t.ValidateRecords(grid, emit=False)
-
-    transformed, _ = (analysis_good.good, validated.good) | "AnalyzeNorms" >> t.AnalyzeNorms(
+    transform_fn = analysis_good.good | "AnalyzeNorms" >> t.AnalyzeNorms(
         grid, normalize=opts.normalize, center=opts.center, norm_buckets=opts.norm_buckets,
         batch_size=opts.batch_size, temp_dir=temp_dir,
         transform_graph_dir=FileSystems.join(output_dir, contract.TRANSFORM_GRAPH_DIR))
+    read = p | "ReadRecords" >> t.ReadRecords(files, emit_metrics=True, after=transform_fn[0])
+    validated = read.records | "ValidateRecords" >> t.ValidateRecords(grid, emit=True)
+    transformed = validated.good | "TransformNorms" >> t.TransformNorms(
+        grid, transform_fn, batch_size=opts.batch_size, temp_dir=temp_dir)
     stats = transformed | "PairStatistics" >> t.PairStatistics(
         grid, margin=opts.margin, distance=opts.distance, normalize=opts.normalize, bins=opts.histogram_bins)
     dead = (read[t.DEAD], validated[t.DEAD]) | "AllDeadLetters" >> beam.Flatten()

@@ -10,8 +10,8 @@ TFXIO's TensorAdapterConfig (`TFExampleBeamRecord`), one decode per record.
 Memory stays bounded on every runner: big payloads (records, vectors) only flow through
 fused ParDos; what crosses a shuffle or a side input is small (file names, the transform
 graph, fixed-size summary accumulators). tf.Transform's analyze and transform phases
-read the input separately (as TFX's Transform does), so no runner must hold the whole
-dataset between the two passes.
+read the input separately (as TFX's Transform does), and the second read starts after the
+analysis (gated on the transform graph), so no runner holds the dataset between passes.
 """
 
 from __future__ import annotations
@@ -120,18 +120,19 @@ class _ReadFileFn(beam.DoFn):
 class ReadRecords(beam.PTransform):
     """Input files -> tagged outputs: main (source_file, raw bytes), DEAD (corrupt_file rows)."""
 
-    def __init__(self, files, emit_metrics: bool = True):
+    def __init__(self, files, emit_metrics: bool = True, after=None):
         super().__init__()
         self._files = list(files)
         self._emit_metrics = emit_metrics
+        self._after = after  # a PCollection to wait for before reading (see build_pipeline)
 
     def expand(self, pbegin):
-        return (
-            pbegin
-            | "Files" >> beam.Create(self._files)
-            | "SpreadFiles" >> beam.Reshuffle()  # only names cross the shuffle
-            | "ReadFile" >> beam.ParDo(_ReadFileFn(self._emit_metrics)).with_outputs(DEAD, main="records")
-        )
+        files = pbegin | "Files" >> beam.Create(self._files) | "SpreadFiles" >> beam.Reshuffle()
+        if self._after is not None:
+            # Reading starts only once `after` is complete, so the records stream through one fused
+            # stage (read, validate, transform, statistics, write) instead of piling up before it.
+            files = files | "WaitFor" >> beam.Map(lambda path, _: path, beam.pvalue.AsIter(self._after))
+        return files | "ReadFile" >> beam.ParDo(_ReadFileFn(self._emit_metrics)).with_outputs(DEAD, main="records")
 
 
 # --------------------------------------------------------------------------- validate
@@ -284,10 +285,8 @@ def example_tfxio(grid: contract.GridSpec):
 
 
 class AnalyzeNorms(beam.PTransform):
-    """(good record batches for analysis, the same for transform) -> (transformed record batches, transform_fn).
+    """Good record batches -> transform_fn: tf.Transform's analyze phase (full-pass statistics).
 
-    Runs tf.Transform's analyze phase over the first PCollection and the transform phase over
-    the second (two reads of the same records: neither pass waits on the other's data).
     Writes the transform graph (with the raw schema under `metadata/`) to `transform_graph_dir`.
     """
 
@@ -299,22 +298,42 @@ class AnalyzeNorms(beam.PTransform):
         self._temp_dir = temp_dir
         self._transform_graph_dir = transform_graph_dir
 
-    def expand(self, pcolls):
+    def expand(self, batches):
         import tensorflow_transform.beam as tft_beam
         from tensorflow_transform.tf_metadata import dataset_metadata
 
-        analysis_batches, transform_batches = pcolls
         io = example_tfxio(self._grid)
         with tft_beam.Context(temp_dir=self._temp_dir, desired_batch_size=self._batch_size):
-            transform_fn = (analysis_batches, io.TensorAdapterConfig()) | "Analyze" >> tft_beam.AnalyzeDataset(self._fn)
-            transformed, _ = (
-                ((transform_batches, io.TensorAdapterConfig()), transform_fn)
-                | "Transform" >> tft_beam.TransformDataset(output_record_batches=True))
+            transform_fn = (batches, io.TensorAdapterConfig()) | "Analyze" >> tft_beam.AnalyzeDataset(self._fn)
             _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(self._transform_graph_dir)
             _ = (dataset_metadata.DatasetMetadata(contract.input_schema(self._grid))
                  | "WriteRawMetadata" >> tft_beam.WriteMetadata(
-                     FileSystems.join(self._transform_graph_dir, "metadata"), analysis_batches.pipeline))
-        return transformed | "DropPassthrough" >> beam.Map(lambda item: item[0]), transform_fn
+                     FileSystems.join(self._transform_graph_dir, "metadata"), batches.pipeline))
+        return transform_fn
+
+
+class TransformNorms(beam.PTransform):
+    """Good record batches -> transformed record batches (tf.Transform's transform phase).
+
+    `transform_fn` is AnalyzeNorms' output: (saved model dir PCollection, metadata).
+    """
+
+    def __init__(self, grid, transform_fn, *, batch_size, temp_dir):
+        super().__init__()
+        self._grid = grid
+        self._transform_fn = transform_fn
+        self._batch_size = batch_size
+        self._temp_dir = temp_dir
+
+    def expand(self, batches):
+        import tensorflow_transform.beam as tft_beam
+
+        transform_fn = self._transform_fn
+        io = example_tfxio(self._grid)
+        with tft_beam.Context(temp_dir=self._temp_dir, desired_batch_size=self._batch_size):
+            transformed, _ = (((batches, io.TensorAdapterConfig()), transform_fn)
+                              | "Transform" >> tft_beam.TransformDataset(output_record_batches=True))
+        return transformed | "DropPassthrough" >> beam.Map(lambda item: item[0])
 
 
 # --------------------------------------------------------------------------- pair statistics
@@ -771,6 +790,79 @@ class WriteTable(beam.PTransform):
             file_name_suffix=PARQUET_SUFFIX)
 
 
+class _WriteBundleTablesFn(beam.DoFn):
+    """Tables -> one staged Parquet file per bundle (pyarrow writer on a Beam FileSystems stream).
+
+    Emits the staged path at the end of the bundle. A retried bundle's file is never listed
+    (the runner drops the failed attempt's outputs), so only committed files get published.
+    """
+
+    def __init__(self, staging_dir: str, schema: pa.Schema):
+        self._staging_dir = staging_dir
+        self._schema = schema
+
+    def start_bundle(self):
+        self._path = self._stream = self._writer = None
+
+    def process(self, table: pa.Table):
+        import pyarrow.parquet as pq
+        import uuid
+
+        if self._writer is None:
+            self._path = FileSystems.join(self._staging_dir, f"{uuid.uuid4().hex}{PARQUET_SUFFIX}")
+            self._stream = FileSystems.create(self._path)
+            self._writer = pq.ParquetWriter(self._stream, self._schema, compression=PARQUET_CODEC)
+        self._writer.write_table(table)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.timestamp import MIN_TIMESTAMP
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        if self._writer is not None:
+            self._writer.close()
+            self._stream.close()
+            yield WindowedValue(self._path, MIN_TIMESTAMP, [GlobalWindow()])
+
+
+def _commit_staged(paths, directory: str, staging_dir: str, schema: pa.Schema) -> int:
+    """Renames the committed staged files to part-NNNNN-of-MMMMM.parquet; an empty table if none."""
+    import pyarrow.parquet as pq
+
+    paths = sorted(paths)
+    if not paths:
+        with FileSystems.create(FileSystems.join(directory, f"part-00000-of-00001{PARQUET_SUFFIX}")) as f:
+            pq.write_table(schema.empty_table(), f, compression=PARQUET_CODEC)
+        return 0
+    FileSystems.rename(paths, [FileSystems.join(directory, f"part-{i:05d}-of-{len(paths):05d}{PARQUET_SUFFIX}")
+                               for i in range(len(paths))])
+    FileSystems.delete([staging_dir])
+    return len(paths)
+
+
+class WriteTableFused(beam.PTransform):
+    """pyarrow Tables -> Parquet `<dir>/part-*.parquet`, written in the producing stage itself.
+
+    For the big `vectors` table. Beam's Parquet sink (WriteToParquetBatched) takes a side input
+    that keeps FnApiRunner from fusing its writer with the producer, so every table would be
+    held in memory until the writer's stage runs (peak memory growing with the data, measured
+    in bench/). Here each bundle streams its tables into one staged file; the committed files
+    are renamed in place at the end (only their names cross a shuffle).
+    """
+
+    def __init__(self, directory: str, schema: pa.Schema):
+        super().__init__()
+        self._directory = directory
+        self._schema = schema
+
+    def expand(self, tables):
+        staging = FileSystems.join(self._directory, ".staging")
+        return (tables
+                | "WriteBundles" >> beam.ParDo(_WriteBundleTablesFn(staging, self._schema))
+                | "Staged" >> beam.combiners.ToList()
+                | "Commit" >> beam.Map(_commit_staged, self._directory, staging, self._schema))
+
+
 class WriteOutputs(beam.PTransform):
     """Writes vectors/, examples/, dead_letter/ Parquet and summary.json under `output_dir`."""
 
@@ -781,7 +873,7 @@ class WriteOutputs(beam.PTransform):
     def expand(self, inputs):
         vectors, examples, dead, summary = inputs
         out = self._output_dir
-        _ = vectors | "WriteVectors" >> WriteTable(FileSystems.join(out, contract.VECTORS_DIR), contract.VECTORS_SCHEMA, False)
+        _ = vectors | "WriteVectors" >> WriteTableFused(FileSystems.join(out, contract.VECTORS_DIR), contract.VECTORS_SCHEMA)
         _ = examples | "WriteExamples" >> WriteTable(FileSystems.join(out, contract.EXAMPLES_DIR), contract.EXAMPLES_SCHEMA, True)
         dead_tables = (dead | "BatchDead" >> beam.BatchElements(min_batch_size=1, max_batch_size=TABLE_BATCH_ROWS)
                        | "DeadTable" >> beam.Map(_rows_to_table))
