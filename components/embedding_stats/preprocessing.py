@@ -11,7 +11,8 @@ Outputs (per example; `boxes` = L*H*W*A):
   z is (l2 - mean) / std, 0 where std is 0); l2_norm_bucket [batch, boxes] int64;
   embedding [batch, boxes, dim] float32 (centered with --center, then L2-normalized unless
   --no-normalize); fed_max_norm [batch] float32 (largest L2 norm of a valid `embedding`
-  over the dataset, so pair distances have a known range for fixed histogram bins).
+  over the dataset, so pair distances have a known range for fixed histogram bins; 1 when
+  the vectors are normalized).
 """
 
 from __future__ import annotations
@@ -62,9 +63,14 @@ def make_preprocessing_fn(grid: contract.GridSpec, *, normalize: bool = True, ce
             fed = tf.cast(tf.cast(embeddings, tf.float64) - mean_vector, tf.float32)
         if normalize:
             fed = triplet_loss.l2_normalize(fed)
-        fed_norms = tf.boolean_mask(triplet_loss.vector_norms(fed)["l2"], valid)
-        # max over an empty dataset is -inf/lowest: floor it at 0.
-        fed_max_norm = tf.maximum(tft.max(fed_norms), 0.0)
+        if normalize:
+            # Unit (or zero) vectors: the distance range is known without a pass over the data, and
+            # the analysis phase then never has to normalize the full grid.
+            fed_max_norm = tf.constant(1.0)
+        else:
+            fed_norms = tf.boolean_mask(triplet_loss.vector_norms(fed)["l2"], valid)
+            # max over an empty dataset is -inf/lowest: floor it at 0.
+            fed_max_norm = tf.maximum(tft.max(fed_norms), 0.0)
 
         return {
             OUT_EXAMPLE_ID: example_id,
