@@ -23,23 +23,18 @@ DEBUG_ENV = "TRIPLETFLOW_DEBUG"  # set to 1 for the full traceback of a failed r
 PROG = "tripletflow run"
 USAGE = (f"usage: {PROG} --input GLOB --output DIR [--grid L,H,W,A] [--dim E] [--margin 0.2] "
          "[--distance euclidean|squared|cosine] [--no-normalize] [--center] [--batch-size N] "
-         "[--no-report] [--fail-on-alert] [any Beam pipeline option, e.g. --runner, --direct_num_workers]")
+         "[--no-report] [--fail-on-alert] [--history ROOT] [--threshold NAME=VALUE] [any Beam pipeline option, e.g. --runner, --direct_num_workers]")
 
 
 def _report(options) -> int:
-    """Runs components.report when it is there; returns its alert exit code when asked to fail on alerts."""
+    """Writes the run's report unless --no-report; the alert exit code with --fail-on-alert."""
     opts = options.view_as(EmbeddingStatsOptions)
     if not opts.report:
         return EXIT_OK
-    try:
-        from components import report
-    except ImportError:
-        return EXIT_OK
-    alerts = report.generate_report(opts.output)
-    if alerts and opts.fail_on_alert:
-        print(f"{PROG}: {len(alerts)} alert(s); see {opts.output}", file=sys.stderr)
-        return report.ALERT_EXIT_CODE
-    return EXIT_OK
+    from pipelines import report
+
+    return report.write_report(opts.output, history_root=opts.history, thresholds=opts.threshold or (),
+                               fail_on_alert=opts.fail_on_alert, prog=PROG)
 
 
 def run(argv=None) -> int:

@@ -131,24 +131,15 @@ def run_date(date: datetime.date, args, passthrough: list[str], log=print) -> in
             break
     if code != EXIT_OK or not args.report or any(arg.startswith("--dry_run") for arg in passthrough):
         return code
-    return report_date(output_dir, args, log)
+    return report_date(output_dir, args)
 
 
-def report_date(output_dir: str, args, log=print) -> int:
+def report_date(output_dir: str, args) -> int:
     """Writes the date's report with the earlier partitions as history; the alert code when asked."""
-    from components import report
+    from pipelines import report
 
-    try:
-        alerts = report.generate_report(output_dir, history_root=history_root(args.output_template),
-                                        thresholds=args.threshold or None)
-    except ValueError as error:  # bad --threshold, or a run the report cannot read
-        log(f"{PROG}: report of {output_dir} failed: {error}")
-        return EXIT_FAILED
-    if alerts:
-        log(f"{PROG}: {len(alerts)} alert(s) for {output_dir}: " + "; ".join(a["name"] for a in alerts))
-        if args.fail_on_alert:
-            return report.ALERT_EXIT_CODE
-    return EXIT_OK
+    return report.write_report(output_dir, history_root=history_root(args.output_template),
+                               thresholds=args.threshold, fail_on_alert=args.fail_on_alert, prog=PROG)
 
 
 def run(argv=None) -> int:

@@ -31,18 +31,28 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def run(argv=None) -> int:
+def write_report(output_dir, *, history_root=None, thresholds=(), model_dir=None, fail_on_alert=False,
+                 prog="tripletflow report") -> int:
+    """Writes report.html and alerts.json for a finished run and prints the alerts.
+
+    Shared by `tripletflow report`, `run` and `nightly`. Returns 0, the report's
+    ALERT_EXIT_CODE (alerts and `fail_on_alert`) or USAGE_ERROR (bad threshold, not a finished run).
+    """
     from components.report import ALERT_EXIT_CODE, RunDataError, generate_report, parse_overrides, storage
 
-    args = parse_args(argv)
     try:
-        thresholds = parse_overrides(args.threshold)
-        alerts = generate_report(args.output, history_root=args.history, thresholds=thresholds,
-                                 model_dir=args.model)
+        alerts = generate_report(output_dir, history_root=history_root, thresholds=parse_overrides(list(thresholds)),
+                                 model_dir=model_dir)
     except (RunDataError, ValueError) as error:
-        print(f"tripletflow report: {error}", file=sys.stderr)
+        print(f"{prog}: report of {output_dir} failed: {error}", file=sys.stderr)
         return USAGE_ERROR
-    print(f"wrote {storage.join(args.output, contract.REPORT_FILE)} and {contract.ALERTS_FILE}: {len(alerts)} alert(s)")
+    print(f"wrote {storage.join(output_dir, contract.REPORT_FILE)} and {contract.ALERTS_FILE}: {len(alerts)} alert(s)")
     for alert in alerts:
         print(f"  ALERT {alert['name']} ({alert['basis']}): {alert['message']}", file=sys.stderr)
-    return ALERT_EXIT_CODE if alerts and args.fail_on_alert else 0
+    return ALERT_EXIT_CODE if alerts and fail_on_alert else 0
+
+
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    return write_report(args.output, history_root=args.history, thresholds=args.threshold, model_dir=args.model,
+                        fail_on_alert=args.fail_on_alert)

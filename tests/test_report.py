@@ -429,6 +429,20 @@ def test_collapsed_directions_raise_auc_collapse_and_norm_alerts(collapsed_night
     assert page.alerts == [alert["name"] for alert in alerts]  # at the report's top, in order
 
 
+def test_run_passes_thresholds_and_history_to_its_report(bad_night, tmp_path):
+    """`tripletflow run --threshold/--history`: the report of the run applies them."""
+    input_glob = os.path.join(os.path.dirname(bad_night[0]), "input", "*")
+    rate = BAD_RECORDS / (BAD_RECORDS + NIGHT_EXAMPLES)
+    output = tmp_path / "date=2099-01-01"
+    argv = ["run", "--input", input_glob, "--output", os.fspath(output), "--grid", ",".join(map(str, NIGHT_GRID.grid_shape)),
+            "--dim", str(NIGHT_GRID.dim), "--fail-on-alert", "--threshold", f"max_rejection_rate={rate + 0.01}",
+            "--history", os.fspath(tmp_path)]
+    assert cli.main(argv) == 0  # the rejection rate is now under the raised threshold
+    document = read_alerts(os.fspath(output))
+    assert document["alerts"] == []
+    assert document["thresholds"]["max_rejection_rate"] == pytest.approx(rate + 0.01)
+
+
 def test_bad_records_raise_the_rejection_alert_and_fail_the_run(bad_night, tmp_path):
     run_dir, exit_code = bad_night
     assert exit_code == ALERT_EXIT_CODE  # `tripletflow run --fail-on-alert` marks the night red

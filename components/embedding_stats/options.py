@@ -61,6 +61,10 @@ class EmbeddingStatsOptions(PipelineOptions):
                             help="do not generate report.html/alerts.json after the run")
         parser.add_argument("--fail-on-alert", dest="fail_on_alert", action="store_true", default=False,
                             help="exit with the report's alert code when it raises alerts")
+        parser.add_argument("--history", default=None,
+                            help="root of date=YYYY-MM-DD partitions of earlier runs: report trends and AUC drops")
+        parser.add_argument("--threshold", action="append", default=None, metavar="NAME=VALUE",
+                            help="an alert threshold of the report (repeatable; see tripletflow report --help)")
 
 
 def grid_spec(options: EmbeddingStatsOptions) -> contract.GridSpec:
