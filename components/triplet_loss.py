@@ -47,28 +47,15 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from schemas import contract
+
 DISTANCES = ("euclidean", "squared", "cosine")
 MINING = ("batch_all", "batch_hard", "semi_hard")
 
-STATISTIC_NAMES = (
-    "n_boxes",
-    "n_identities",
-    "n_pos_pairs",
-    "n_neg_pairs",
-    "pos_dist_mean",
-    "pos_dist_max",
-    "neg_dist_mean",
-    "neg_dist_min",
-    "n_triplets",
-    "n_active_triplets",
-    "triplet_loss_sum",
-    "batch_all_loss",
-    "batch_hard_loss",
-    "semi_hard_loss",
-)
-_COUNT_NAMES = frozenset(
-    ("n_boxes", "n_identities", "n_pos_pairs", "n_neg_pairs", "n_triplets", "n_active_triplets")
-)
+# The keys of triplet_statistics, in order: the statistic columns of the `examples` table,
+# declared once in the data contract; counts are int64, the rest float32.
+STATISTIC_NAMES = contract.EXAMPLE_STATISTIC_COLUMNS
+_COUNT_NAMES = frozenset(contract.EXAMPLE_COUNT_COLUMNS)
 
 # Floor for the norm in x / max(||x||, NORM_EPS) (same convention as
 # torch.nn.functional.normalize): a zero vector stays zero instead of dividing by 0.
