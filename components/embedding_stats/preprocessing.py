@@ -63,7 +63,6 @@ def make_preprocessing_fn(grid: contract.GridSpec, *, normalize: bool = True, ce
             fed = tf.cast(tf.cast(embeddings, tf.float64) - mean_vector, tf.float32)
         if normalize:
             fed = triplet_loss.l2_normalize(fed)
-        if normalize:
             # Unit (or zero) vectors: the distance range is known without a pass over the data, and
             # the analysis phase then never has to normalize the full grid.
             fed_max_norm = tf.constant(1.0)
