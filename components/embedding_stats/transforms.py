@@ -632,25 +632,6 @@ class SummaryCombineFn(beam.CombineFn):
         return accumulator
 
 
-def roc_auc_from_histograms(positive, negative):
-    """(AUC, error bound) of P(negative distance > positive distance) from binned counts.
-
-    Pairs in different bins are ordered exactly; a (positive, negative) couple in the same
-    bin is counted as 1/2 (as ties are in the Mann-Whitney AUC). Its true contribution lies
-    in [0, 1], so the error is at most 1/2 * sum_b pos_b * neg_b / (P * N). (None, None) when
-    there is no positive or no negative pair.
-    """
-    positive = np.asarray(positive, np.float64)
-    negative = np.asarray(negative, np.float64)
-    total = positive.sum() * negative.sum()
-    if total == 0:
-        return None, None
-    positives_below = np.concatenate([[0.0], np.cumsum(positive)[:-1]])  # positives in lower bins
-    same_bin = float((positive * negative).sum())
-    auc = (float((negative * positives_below).sum()) + 0.5 * same_bin) / total
-    return auc, 0.5 * same_bin / total
-
-
 def _norm_summary(norm, quantiles):
     count = norm["count"]
     if count == 0:
@@ -667,7 +648,7 @@ def assemble_summary(_, partial, rejected_by_reason, identities, quantiles, edge
     """summary.json (keys: contract.SUMMARY_KEYS) from the merged accumulators."""
     rejected = {reason: int(rejected_by_reason.get(reason, 0)) for reason in contract.Reason.ALL}
     with_triplets = partial["examples_with_triplets"]
-    auc, auc_bound = roc_auc_from_histograms(partial["positive"], partial["negative"])
+    auc, auc_bound = triplet_loss.roc_auc_from_histograms(partial["positive"], partial["negative"])
     summary = {
         "records_read": partial["examples"] + sum(rejected.values()),
         "records_good": partial["examples"],

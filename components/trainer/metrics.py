@@ -66,19 +66,6 @@ def make_batch_figures(margin: float, distance: str):
     return batch_figures
 
 
-def auc_from_histograms(pos_hist: np.ndarray, neg_hist: np.ndarray):
-    """(P(neg > pos) + P(tie)/2 over fixed bins, largest binning error); (None, None) without pairs."""
-    pos_hist = np.asarray(pos_hist, np.float64)
-    neg_hist = np.asarray(neg_hist, np.float64)
-    total = pos_hist.sum() * neg_hist.sum()
-    if total == 0:
-        return None, None
-    pos_below = np.concatenate([[0.0], np.cumsum(pos_hist)[:-1]])
-    auc = float(np.sum(neg_hist * (pos_below + 0.5 * pos_hist)) / total)
-    bound = float(0.5 * np.sum(neg_hist * pos_hist) / total)
-    return auc, bound
-
-
 class ValidationFigures:
     """Accumulates figures over batches of head outputs; `result()` gives the JSON document."""
 
@@ -110,7 +97,7 @@ class ValidationFigures:
         # Mean hinge over all triplets (inactive ones count 0): falls as the embedding improves,
         # unlike batch_all's mean over active triplets only.
         out["mean_triplet_hinge"] = float(s["triplet_loss_sum"]) / triplets if triplets else None
-        auc, bound = auc_from_histograms(s["pos_hist"], s["neg_hist"])
+        auc, bound = triplet_loss.roc_auc_from_histograms(s["pos_hist"], s["neg_hist"])
         out.update(
             pos_pairs=int(s["pos_hist"].sum()),
             neg_pairs=int(s["neg_hist"].sum()),
