@@ -45,7 +45,6 @@ def run(argv=None) -> int:
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     try:
         options = EmbeddingStatsOptions(argv)
-        opts = options.view_as(EmbeddingStatsOptions)
         result = execute(options)
     except InputError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

@@ -1,7 +1,5 @@
 """Sample data and the data contract: files read back with TensorFlow's own readers."""
 
-import gzip
-import os
 
 import numpy as np
 import pyarrow as pa
