@@ -19,8 +19,8 @@ def _widths(text: str) -> tuple[int, ...]:
 def parser() -> argparse.ArgumentParser:
     d = spec_lib.TrainOptions()
     p = argparse.ArgumentParser(prog="tripletflow train", description="Train an embedding head on EmbeddingStats outputs.")
-    p.add_argument("--stats", action="append", required=True, metavar="DIR", help="EmbeddingStats output directory (repeatable)")
-    p.add_argument("--output", required=True, metavar="DIR", help="SavedModel, metrics.json and checkpoints go here")
+    p.add_argument("--stats", action="append", required=True, metavar="DIR", help="EmbeddingStats output directory, local or a URI such as gs://... (repeatable)")
+    p.add_argument("--output", required=True, metavar="DIR", help="SavedModel, metrics.json and checkpoints go here (local or gs://...)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images (sets) per step, over all devices")
     p.add_argument("--mining", default=d.mining, choices=triplet_loss.MINING)

@@ -1,6 +1,7 @@
 """EmbeddingStats `vectors` Parquet -> padded per-image sets in `tf.data`, memory bounded.
 
-Rows are streamed with `pyarrow.parquet.ParquetFile.iter_batches` (never the whole table),
+Rows are streamed with `pyarrow.parquet.ParquetFile.iter_batches` (never the whole table;
+files opened through `fileio.open_parquet`, so local paths and gs:// URIs alike),
 regrouped into one set per `example_id` with a bounded window of open examples (an
 example whose rows come back after it left the window is an error, never silently split),
 assigned to train or validation by a fixed hash of `example_id` (stable across runs and
@@ -11,8 +12,6 @@ contract's empty label (-1), which the loss graph ignores.
 from __future__ import annotations
 
 import collections
-import glob
-import json
 import os
 import zlib
 from typing import Iterator, Sequence
@@ -20,8 +19,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from components.trainer import fileio
 from schemas import contract
 
 ID_COLUMN, LABEL_COLUMN, EMBEDDING_COLUMN = "example_id", "label", "embedding"
@@ -43,16 +42,15 @@ class SplitExampleError(ValueError):
 
 def read_manifest(stats_dir: str) -> dict:
     """The run's MANIFEST.json; a run without it did not finish (the contract), so refuse it."""
-    path = os.path.join(stats_dir, contract.MANIFEST_FILE)
-    if not os.path.exists(path):
+    manifest = fileio.read_json(os.path.join(stats_dir, contract.MANIFEST_FILE))
+    if manifest is None:
         raise ValueError(f"{stats_dir!r} has no {contract.MANIFEST_FILE}: not a finished EmbeddingStats run")
-    with open(path) as f:
-        return json.load(f)
+    return manifest
 
 
 def vector_files(stats_dir: str) -> list[str]:
     """Sorted `vectors/*.parquet` files of a run; raises when there are none."""
-    paths = sorted(glob.glob(os.path.join(stats_dir, contract.VECTORS_DIR, "*.parquet")))
+    paths = fileio.glob(os.path.join(stats_dir, contract.VECTORS_DIR, "*.parquet"))
     if not paths:
         raise ValueError(f"{stats_dir!r} has no {contract.VECTORS_DIR}/*.parquet files")
     return paths
@@ -63,8 +61,8 @@ def embedding_dim(stats_dirs: Sequence[str]) -> int:
     dims = {}
     for stats_dir in stats_dirs:
         for path in vector_files(stats_dir):
-            table = pq.ParquetFile(path).iter_batches(batch_size=1, columns=[EMBEDDING_COLUMN])
-            first = next(table, None)
+            with fileio.open_parquet(path) as reader:
+                first = next(reader.iter_batches(batch_size=1, columns=[EMBEDDING_COLUMN]), None)
             if first is not None and first.num_rows:
                 dims[stats_dir] = len(first.column(0)[0])
                 break
@@ -117,26 +115,26 @@ def iter_run_sets(
         )
 
     for path in vector_files(stats_dir):
-        reader = pq.ParquetFile(path)
-        for batch in reader.iter_batches(batch_size=read_rows, columns=[ID_COLUMN, LABEL_COLUMN, EMBEDDING_COLUMN]):
-            if not batch.num_rows:
-                continue
-            ids, labels, embeddings = _batch_arrays(batch, dim, path)
-            starts = np.concatenate([[0], np.flatnonzero(ids[1:] != ids[:-1]) + 1, [len(ids)]])
-            for start, end in zip(starts[:-1], starts[1:]):
-                example_id = ids[start]
-                if example_id in closed:
-                    raise SplitExampleError(
-                        f"{path}: rows of example {example_id!r} appear again more than {window} examples "
-                        f"after its earlier rows; vectors must keep each example's rows together"
-                    )
-                if example_id in open_sets:
-                    open_sets.move_to_end(example_id)
-                else:
-                    open_sets[example_id] = []
-                open_sets[example_id].append((embeddings[start:end], labels[start:end]))
-                while len(open_sets) > window:
-                    yield close_oldest()
+        with fileio.open_parquet(path) as reader:
+            for batch in reader.iter_batches(batch_size=read_rows, columns=[ID_COLUMN, LABEL_COLUMN, EMBEDDING_COLUMN]):
+                if not batch.num_rows:
+                    continue
+                ids, labels, embeddings = _batch_arrays(batch, dim, path)
+                starts = np.concatenate([[0], np.flatnonzero(ids[1:] != ids[:-1]) + 1, [len(ids)]])
+                for start, end in zip(starts[:-1], starts[1:]):
+                    example_id = ids[start]
+                    if example_id in closed:
+                        raise SplitExampleError(
+                            f"{path}: rows of example {example_id!r} appear again more than {window} examples "
+                            f"after its earlier rows; vectors must keep each example's rows together"
+                        )
+                    if example_id in open_sets:
+                        open_sets.move_to_end(example_id)
+                    else:
+                        open_sets[example_id] = []
+                    open_sets[example_id].append((embeddings[start:end], labels[start:end]))
+                    while len(open_sets) > window:
+                        yield close_oldest()
     while open_sets:
         yield close_oldest()
 

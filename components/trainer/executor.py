@@ -16,7 +16,7 @@ import time
 import tensorflow as tf
 import tf_keras
 
-from components.trainer import data, metrics, model
+from components.trainer import data, fileio, metrics, model
 from components.trainer import spec as spec_lib
 from schemas import contract
 
@@ -29,21 +29,6 @@ def choose_strategy() -> tf.distribute.Strategy:
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy([gpu.name for gpu in gpus])
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
-
-
-def _write_json(path: str, document) -> None:
-    """Atomic write: a reader never sees half a document."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(document, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def _read_json(path: str, default=None):
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
 
 
 # EmbeddingStats options that shape the vectors: runs trained together must agree on them.
@@ -74,8 +59,8 @@ def run_grid(stats_dirs, dim: int) -> contract.GridSpec | None:
 def _check_resume(spec: spec_lib.TrainerSpec) -> None:
     """Refuses to resume a run in `output_dir` that used other options or inputs."""
     path = os.path.join(spec.output_dir, spec_lib.OPTIONS_FILE)
-    current = {"options": spec.options.to_json(), "stats_dirs": [os.path.abspath(p) for p in spec.stats_dirs]}
-    previous = _read_json(path)
+    current = {"options": spec.options.to_json(), "stats_dirs": [fileio.canonical(p) for p in spec.stats_dirs]}
+    previous = fileio.read_json(path)
     if previous is not None:
         for key in spec_lib.RESUMABLE_OPTIONS:
             previous["options"].pop(key, None)
@@ -85,7 +70,7 @@ def _check_resume(spec: spec_lib.TrainerSpec) -> None:
                 f"{spec.output_dir!r} holds a run with other options or inputs ({previous}); "
                 f"use another --output or the same options"
             )
-    _write_json(path, current)
+    fileio.write_json(path, current)
 
 
 class Executor:
@@ -112,14 +97,13 @@ class Executor:
 
     def count_sets(self) -> dict:
         """Sets per split, from the example_id column only (cheap): the progress bar's target."""
-        import pyarrow.parquet as pq
-
         counts = {data.TRAIN: 0, data.VALIDATION: 0}
         for stats_dir in self.spec.stats_dirs:
             seen = set()
             for path in data.vector_files(stats_dir):
-                for batch in pq.ParquetFile(path).iter_batches(columns=[data.ID_COLUMN]):
-                    seen.update(batch.column(0).to_pylist())
+                with fileio.open_parquet(path) as reader:
+                    for batch in reader.iter_batches(columns=[data.ID_COLUMN]):
+                        seen.update(batch.column(0).to_pylist())
             for example_id in seen:
                 split = data.VALIDATION if data.is_validation(example_id, self.options.validation_fraction) else data.TRAIN
                 counts[split] += 1
@@ -137,7 +121,7 @@ class Executor:
         counts = self.count_sets()
         if counts[data.TRAIN] == 0 or counts[data.VALIDATION] == 0:
             raise ValueError(f"empty split {counts}: add data or change --validation-fraction")
-        os.makedirs(spec.output_dir, exist_ok=True)
+        fileio.makedirs(spec.output_dir)
         _check_resume(spec)
 
         strategy = self.strategy or choose_strategy()
@@ -155,7 +139,7 @@ class Executor:
             checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         start_epoch = int(epoch_var.numpy())
         history_path = os.path.join(spec.output_dir, spec_lib.HISTORY_FILE)
-        history = [h for h in _read_json(history_path, []) if h["epoch"] <= start_epoch]
+        history = [h for h in fileio.read_json(history_path, []) if h["epoch"] <= start_epoch]
         if self.verbose and start_epoch:
             print(f"resuming from checkpoint after epoch {start_epoch}")
 
@@ -163,7 +147,7 @@ class Executor:
         status = "complete"
         for epoch in range(start_epoch + 1, o.epochs + 1):
             history.append(self._epoch(strategy, train_step, dim, epoch, counts[data.TRAIN]))
-            _write_json(history_path, history)  # before the checkpoint: never a checkpoint without its history
+            fileio.write_json(history_path, history)  # before the checkpoint: never a checkpoint without its history
             epoch_var.assign(epoch)
             manager.save(checkpoint_number=epoch)
             if o.stop_after_epoch is not None and epoch >= o.stop_after_epoch and epoch < o.epochs:
@@ -190,7 +174,7 @@ class Executor:
             if o.export:
                 self.export(head, grid)
                 document["saved_model"] = spec.saved_model_dir
-        _write_json(spec.metrics_path, document)
+        fileio.write_json(spec.metrics_path, document)
         self.head = head
         return document
 

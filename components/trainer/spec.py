@@ -7,6 +7,7 @@ import math
 import os
 
 from components import triplet_loss
+from components.trainer import fileio
 
 PAIR_SCOPES = ("example", "batch")  # pairs within each image, or across all images of a batch
 
@@ -87,7 +88,7 @@ class TrainerSpec:
         if not self.stats_dirs:
             raise ValueError("at least one --stats directory is required")
         for path in self.stats_dirs:
-            if not os.path.isdir(path):
+            if not fileio.isdir(path):  # local path or URI (gs://...): tf.io.gfile
                 raise ValueError(f"--stats {path!r} is not a directory")
 
     @property
