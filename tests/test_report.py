@@ -21,6 +21,7 @@ import subprocess
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -579,3 +580,26 @@ def test_auc_drop_previous_vs_trailing_mean_by_hand():
         Thresholds(max_norm_ratio=0.5)
     with pytest.raises(ValueError, match="trailing_runs"):
         parse_overrides(["trailing_runs=0"])
+
+
+def test_vector_sample_is_uniform_bounded_and_streams_every_file(tmp_path):
+    """The norm figures read a bounded uniform sample of `vectors`, never the whole table."""
+    from components.report import run_data
+
+    rows_per_file, files = 1000, 3
+    for index in range(files):
+        start = index * rows_per_file
+        table = pa.table({"level": pa.array(np.arange(start, start + rows_per_file) % 2, pa.int32()),
+                          "anchor": pa.array(np.zeros(rows_per_file), pa.int32()),
+                          "l2_norm": pa.array(np.arange(start, start + rows_per_file), pa.float32()),
+                          "l2_norm_z": pa.array(np.zeros(rows_per_file), pa.float32())})
+        pq.write_table(table, tmp_path / f"part-{index}.parquet", row_group_size=128)
+    sample, total = run_data.sample_table(str(tmp_path), contract.VECTORS_SCHEMA, run_data.VECTOR_COLUMNS, 600)
+    assert total == files * rows_per_file and sample.num_rows == 600
+    picked = np.sort(sample.column("l2_norm").to_numpy())
+    assert len(np.unique(picked)) == 600  # distinct rows, each a real row of the table
+    np.testing.assert_array_equal(sample.column("level").to_numpy(), picked.astype(np.int64) % 2)
+    per_file = np.bincount((picked // rows_per_file).astype(int), minlength=files)
+    assert per_file.min() > 150  # about 200 from each file: uniform over the whole table
+    everything, total = run_data.sample_table(str(tmp_path), contract.VECTORS_SCHEMA, run_data.VECTOR_COLUMNS, 10**6)
+    np.testing.assert_array_equal(np.sort(everything.column("l2_norm").to_numpy()), np.arange(3000))

@@ -132,6 +132,14 @@ def _history_section(history: history_lib.History, current_date: str | None, cur
     return "\n".join(parts)
 
 
+def norms_caption(run: RunData) -> str:
+    """Says which boxes the norm figures show: all of them, or a uniform sample."""
+    shown = run.vectors.num_rows
+    if shown == run.vectors_total:
+        return f"<p>All {shown:,} valid boxes.</p>"
+    return f"<p>A uniform sample of {shown:,} of the run's {run.vectors_total:,} valid boxes.</p>"
+
+
 def generate_report(output_dir: str, history_root: str | None = None, thresholds=None,
                     model_dir: str | None = None) -> list[dict]:
     """Writes `report.html` and `alerts.json` into a finished run's `output_dir`; returns the alerts.
@@ -163,7 +171,8 @@ def generate_report(output_dir: str, history_root: str | None = None, thresholds
         ("distances-section", "Pair distances",
          html.image(figures.pair_distance_histogram(summary.get("histogram") or {}), "pair distance histograms")),
         ("norms-section", "Vector norms",
-         html.image(figures.norm_distributions(l2, l2_z), "norm distributions")
+         norms_caption(run)
+         + html.image(figures.norm_distributions(l2, l2_z), "norm distributions")
          + html.image(figures.norms_by_position(l2, level, anchor), "norms per level and anchor")),
         ("worst-section", f"Worst examples (highest {WORST_BY_LABEL})",
          html.table("worst-examples", ["example id", "valid boxes", "triplets", "active triplets",

@@ -1,7 +1,8 @@
 """Reads one run's output directory (the data contract in schemas/) for the report.
 
-Only the columns the report plots are read from Parquet (never the `embedding` lists), so
-a report over millions of boxes stays cheap.  Missing tables read as empty ones with the
+Only the columns the report plots are read from Parquet (never the `embedding` lists), and
+of `vectors` (one row per valid box) only a uniform sample of at most MAX_PLOTTED_BOXES rows,
+streamed batch by batch, so the report's memory does not grow with the run.  Missing tables read as empty ones with the
 contract's schema, so a run with no valid box still gets a report.
 """
 
@@ -11,14 +12,19 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.report import storage
 from schemas import contract
 
-# Columns of `vectors` the report needs: position in the grid, identity, raw and z-scored norm.
-VECTOR_COLUMNS = ("example_id", "level", "anchor", "label", "l2_norm", "l2_norm_z")
+# Columns of `vectors` the report plots: position in the grid, raw and z-scored norm.
+VECTOR_COLUMNS = ("level", "anchor", "l2_norm", "l2_norm_z")
+# Boxes in the norm figures: a uniform sample this large draws the same distributions as the
+# whole table, and bounds the report's memory (~20 bytes a box) whatever the run's size.
+MAX_PLOTTED_BOXES = 200_000
+SAMPLE_SEED = 0  # the sample is the same on every re-run of a report
 EXAMPLE_COLUMNS = ("example_id", "n_boxes", "n_neg_pairs", "n_triplets", "n_active_triplets", "pos_dist_mean",
                    "neg_dist_mean", "batch_all_loss", "batch_hard_loss", "semi_hard_loss")
 
@@ -39,7 +45,8 @@ class RunData:
     output_dir: str
     summary: dict
     manifest: dict
-    vectors: pa.Table  # VECTOR_COLUMNS, one row per valid box
+    vectors: pa.Table  # VECTOR_COLUMNS, a uniform sample of at most MAX_PLOTTED_BOXES valid boxes
+    vectors_total: int  # valid boxes in the run (rows of `vectors`)
     examples: pa.Table  # EXAMPLE_COLUMNS, one row per good record
     model_dir: str | None = None
     trainer_metrics: dict | None = None
@@ -71,6 +78,30 @@ def read_table(directory: str, schema: pa.Schema, columns) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def sample_table(directory: str, schema: pa.Schema, columns, max_rows: int, seed: int = SAMPLE_SEED):
+    """(uniform sample of at most `max_rows` rows of `columns`, total rows) of the Parquet files
+    under `directory`, streamed batch by batch: memory is bounded by the sample, not the table."""
+    files = storage.match(storage.join(directory, "*.parquet"))
+    wanted = pa.schema([schema.field(name) for name in columns])
+    counts = []
+    for path in files:
+        with storage.open_read(path) as f:
+            counts.append(pq.ParquetFile(f).metadata.num_rows)
+    total = sum(counts)
+    if total == 0:
+        return wanted.empty_table(), 0
+    keep = np.sort(np.random.default_rng(seed).choice(total, size=min(total, max_rows), replace=False))
+    pieces, offset = [], 0
+    for path in files:
+        with storage.open_read(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=list(columns)):
+                lo, hi = np.searchsorted(keep, [offset, offset + batch.num_rows])
+                if hi > lo:
+                    pieces.append(pa.Table.from_batches([batch.take(pa.array(keep[lo:hi] - offset))]).cast(wanted))
+                offset += batch.num_rows
+    return pa.concat_tables(pieces), total
+
+
 def find_model_dir(output_dir: str, model_dir: str | None = None) -> str | None:
     """The trainer output beside the run: `model_dir` if given, else `<output>/model/` if it has metrics."""
     if model_dir:
@@ -91,7 +122,8 @@ def load_run(output_dir: str, model_dir: str | None = None) -> RunData:
     missing = [key for key in contract.SUMMARY_KEYS if key not in summary]
     if missing:
         raise RunDataError(f"{contract.SUMMARY_FILE} in {output_dir} lacks keys {missing}")
-    vectors = read_table(storage.join(output_dir, contract.VECTORS_DIR), contract.VECTORS_SCHEMA, VECTOR_COLUMNS)
+    vectors, vectors_total = sample_table(storage.join(output_dir, contract.VECTORS_DIR), contract.VECTORS_SCHEMA,
+                                          VECTOR_COLUMNS, MAX_PLOTTED_BOXES)
     examples = read_table(storage.join(output_dir, contract.EXAMPLES_DIR), contract.EXAMPLES_SCHEMA,
                           EXAMPLE_COLUMNS)
     model = find_model_dir(output_dir, model_dir)
@@ -101,7 +133,7 @@ def load_run(output_dir: str, model_dir: str | None = None) -> RunData:
         if not storage.exists(path):
             raise RunDataError(f"--model {model!r} has no {TRAINER_METRICS_FILE}")
         metrics = read_json(path)
-    return RunData(output_dir, summary, manifest, vectors, examples, model, metrics)
+    return RunData(output_dir, summary, manifest, vectors, vectors_total, examples, model, metrics)
 
 
 def finite_or_none(value):
