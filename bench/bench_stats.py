@@ -59,7 +59,7 @@ def child_floor(input_glob: str) -> dict:
     import tensorflow as tf
 
     from components import triplet_loss
-    from components.embedding_stats.transforms import MAX_PAIR_CELLS_PER_CALL, _compact
+    from components.embedding_stats.statistics import MAX_PAIR_CELLS_PER_CALL, _compact
 
     grid = contract.GridSpec()
     spec = {

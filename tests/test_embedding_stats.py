@@ -212,7 +212,7 @@ def test_no_normalize_uses_raw_vectors_and_a_data_sized_histogram(variant_runs, 
 
 def test_an_examples_statistics_do_not_depend_on_its_batch_mates():
     """Bitwise: every runner batches differently, so results must not depend on the batch."""
-    from components.embedding_stats import transforms as t
+    from components.embedding_stats.statistics import _PairStatisticsFn
 
     grid = contract.GridSpec(1, 6, 6, 3, dim=8)  # 108 boxes: set sizes on both sides of SET_SIZE_STEP
     rng = np.random.default_rng(0)
@@ -221,7 +221,7 @@ def test_an_examples_statistics_do_not_depend_on_its_batch_mates():
     labels = rng.integers(0, 4, size=(n, grid.boxes))
     for i, keep in enumerate([3, 40, 70, 100, 108, 0]):  # valid boxes per example
         labels[i, keep:] = contract.EMPTY_LABEL
-    fn = t._PairStatisticsFn(grid, margin=0.2, distance="euclidean", normalize=True, bins=16)
+    fn = _PairStatisticsFn(grid, margin=0.2, distance="euclidean", normalize=True, bins=16)
     fn.setup()
     together, pos, neg = fn._loss_graph(fed, labels, 2.0)
     pos_alone, neg_alone = 0, 0

@@ -15,7 +15,9 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from components import sample_data
 from components.embedding_stats import executor
-from components.embedding_stats import transforms as t
+from components.embedding_stats.common import DEAD
+from components.embedding_stats.read import ReadRecords
+from components.embedding_stats.validate import ValidateRecords
 from pipelines import embedding_stats as entry
 from schemas import contract
 from tests import embedding_stats_reference as ref
@@ -205,9 +207,9 @@ def test_extreme_values_give_finite_or_null_statistics_never_nan(bad_input, bad_
 def test_read_and_validate_transforms_route_records(bad_input):
     """The reader and validator alone, on Beam's TestPipeline with assert_that."""
     with test_pipeline.TestPipeline(options=beam.options.pipeline_options.PipelineOptions(["--runner", "FnApiRunner"])) as p:
-        read = p | t.ReadRecords([bad_input["mixed"], bad_input["empty"], bad_input["framing"]["bad-crc"][0]])
-        validated = read.records | t.ValidateRecords(GRID)
-        reasons = ((read[t.DEAD], validated[t.DEAD]) | beam.Flatten() | beam.Map(lambda row: row["reason"]))
+        read = p | ReadRecords([bad_input["mixed"], bad_input["empty"], bad_input["framing"]["bad-crc"][0]])
+        validated = read.records | ValidateRecords(GRID)
+        reasons = ((read[DEAD], validated[DEAD]) | beam.Flatten() | beam.Map(lambda row: row["reason"]))
         n_good = validated.good | "Rows" >> beam.Map(lambda batch: batch.num_rows) | "CountGood" >> beam.CombineGlobally(sum)
         assert_that(reasons, equal_to([reason for _, reason in bad_input["bad"].values()] + [R.CORRUPT_FILE]),
                     label="reasons")
@@ -263,7 +265,7 @@ def test_failed_run_publishes_nothing_and_keeps_old_results(bad_input, tmp_path,
     def fail(*args, **kwargs):
         raise RuntimeError("injected failure while summarizing")
 
-    monkeypatch.setattr(t, "assemble_summary", fail)  # looked up by name when the pipeline runs
+    monkeypatch.setattr("components.embedding_stats.summary.assemble_summary", fail)  # looked up by name when the pipeline runs
     fresh = tmp_path / "fresh"
     argv = ["--input", bad_input["mixed"], "--grid", ",".join(map(str, GRID.grid_shape)), "--dim", str(GRID.dim),
             "--runner", "FnApiRunner", "--no-report"]

@@ -58,7 +58,7 @@ def counted_run(tmp_path_factory):
 
     from components.embedding_stats.executor import build_pipeline
     from components.embedding_stats.options import EmbeddingStatsOptions
-    from components.embedding_stats.transforms import METRICS_NAMESPACE
+    from components.embedding_stats.common import METRICS_NAMESPACE
 
     root = tmp_path_factory.mktemp("counters")
     rng = np.random.default_rng(SEED)

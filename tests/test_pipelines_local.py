@@ -21,10 +21,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from components.embedding_stats.statistics import FAULT_ENV  # the pair-statistics DoFn's test-only fault switch
 from pipelines import embedding_stats, nightly
 from schemas import contract
 
-FAULT_ENV = "TRIPLETFLOW_TEST_KILL_WORKER_ONCE"  # the EmbeddingStats DoFn's test-only fault switch
 WORKERS = 2
 POOL_START_TIMEOUT_S = 60
 MULTI_PROCESS_FLAGS = ("--direct_running_mode=multi_processing", f"--direct_num_workers={WORKERS}")

@@ -21,7 +21,13 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from components.embedding_stats import transforms as t
+from components.embedding_stats.common import DEAD
+from components.embedding_stats.norms import AnalyzeNorms, TransformNorms
+from components.embedding_stats.read import ReadRecords
+from components.embedding_stats.statistics import EXAMPLES, FED_MAX, LABEL_SET, NORMS, PARTIAL, VECTORS, PairStatistics
+from components.embedding_stats.summary import Summarize
+from components.embedding_stats.validate import ValidateRecords
+from components.embedding_stats.write import WriteOutputs
 from components.embedding_stats.options import (
     EmbeddingStatsOptions,
     stage_project_code,
@@ -117,22 +123,22 @@ def build_pipeline(p: beam.Pipeline, options, *, output_dir: str | None = None, 
     # Two reads of the same files: the first feeds tf.Transform's analysis; the second, started
     # once the transform graph exists, feeds the transform and everything downstream (only this
     # one reports dead letters and counters).
-    analysis_read = p | "ReadForAnalysis" >> t.ReadRecords(files, emit_metrics=False)
-    analysis_good = analysis_read.records | "ValidateForAnalysis" >> t.ValidateRecords(grid, emit=False)
-    transform_fn = analysis_good.good | "AnalyzeNorms" >> t.AnalyzeNorms(
+    analysis_read = p | "ReadForAnalysis" >> ReadRecords(files, emit_metrics=False)
+    analysis_good = analysis_read.records | "ValidateForAnalysis" >> ValidateRecords(grid, emit=False)
+    transform_fn = analysis_good.good | "AnalyzeNorms" >> AnalyzeNorms(
         grid, normalize=opts.normalize, center=opts.center, norm_buckets=opts.norm_buckets,
         batch_size=opts.batch_size, temp_dir=temp_dir,
         transform_graph_dir=FileSystems.join(output_dir, contract.TRANSFORM_GRAPH_DIR))
-    read = p | "ReadRecords" >> t.ReadRecords(files, emit_metrics=True, after=transform_fn[0])
-    validated = read.records | "ValidateRecords" >> t.ValidateRecords(grid, emit=True)
-    transformed = validated.good | "TransformNorms" >> t.TransformNorms(
+    read = p | "ReadRecords" >> ReadRecords(files, emit_metrics=True, after=transform_fn[0])
+    validated = read.records | "ValidateRecords" >> ValidateRecords(grid, emit=True)
+    transformed = validated.good | "TransformNorms" >> TransformNorms(
         grid, transform_fn, batch_size=opts.batch_size, temp_dir=temp_dir)
-    stats = transformed | "PairStatistics" >> t.PairStatistics(
+    stats = transformed | "PairStatistics" >> PairStatistics(
         grid, margin=opts.margin, distance=opts.distance, normalize=opts.normalize, bins=opts.histogram_bins)
-    dead = (read[t.DEAD], validated[t.DEAD]) | "AllDeadLetters" >> beam.Flatten()
-    summary = {**{tag: stats[tag] for tag in (t.PARTIAL, t.LABEL_SET, t.NORMS, t.FED_MAX)}, t.DEAD: dead} | "Summarize" >> t.Summarize(
+    dead = (read[DEAD], validated[DEAD]) | "AllDeadLetters" >> beam.Flatten()
+    summary = {**{tag: stats[tag] for tag in (PARTIAL, LABEL_SET, NORMS, FED_MAX)}, DEAD: dead} | "Summarize" >> Summarize(
         distance=opts.distance, normalize=opts.normalize, bins=opts.histogram_bins)
-    written = (stats[t.VECTORS], stats[t.EXAMPLES], dead, summary) | "WriteOutputs" >> t.WriteOutputs(output_dir)
+    written = (stats[VECTORS], stats[EXAMPLES], dead, summary) | "WriteOutputs" >> WriteOutputs(output_dir)
     return {"stats": stats, "dead": dead, "summary": summary, "written": written}
 
 

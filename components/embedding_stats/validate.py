@@ -1,0 +1,151 @@
+"""Validate stage: raw records -> Arrow record batches of the good records, dead letters with a reason.
+
+Decoded in batches by tfx-bsl's Example decoder (the one inside TFXIO's TFExampleRecord) and
+checked with numpy on the Arrow buffers, so each record is decoded once for the whole run.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.metrics import Metrics
+
+from components.embedding_stats.common import DEAD, METRICS_NAMESPACE, dead_letter
+from schemas import contract
+
+VALIDATE_MAX_BATCH = 64  # records decoded and validated together
+
+
+class _ValidateFn(beam.DoFn):
+    """[(source_file, raw)] -> Arrow record batch of the good records; DEAD: rows with their reason.
+
+    Decoding is tfx-bsl's Example decoder with the input schema: the very decoder TFXIO's
+    TFExampleRecord runs, so the record batches are exactly what TFXIO would produce and
+    tf.Transform consumes them through TFXIO's TensorAdapterConfig (one decode per record).
+    """
+
+    def __init__(self, grid: contract.GridSpec, emit: bool):
+        self._grid = grid
+        self._emit = emit  # only one of the two reading branches reports
+
+    def setup(self):
+        self._new_decoder()
+        self._read = Metrics.counter(METRICS_NAMESPACE, "records_read")
+        self._good = Metrics.counter(METRICS_NAMESPACE, "records_good")
+        self._rejected = {r: Metrics.counter(METRICS_NAMESPACE, f"rejected_{r}") for r in contract.Reason.ALL}
+
+    def _new_decoder(self):
+        from tfx_bsl.coders import example_coder
+
+        self._decoder = example_coder.ExamplesToRecordBatchDecoder(
+            contract.input_schema(self._grid).SerializeToString())
+
+    def _decode(self, raws):
+        """Decodes a batch; isolates undecodable records. Returns (record batch, kept indices, failures).
+
+        tfx-bsl's decoder is left in a broken state by a failed decode, so a new one is made after each.
+        """
+        try:
+            return self._decoder.DecodeBatch(raws), list(range(len(raws))), {}
+        except RuntimeError:
+            self._new_decoder()
+        kept, failures = [], {}
+        for i, raw in enumerate(raws):
+            try:
+                self._decoder.DecodeBatch([raw])
+                kept.append(i)
+            except RuntimeError as error:
+                self._new_decoder()
+                message = str(error)
+                reason = contract.Reason.WRONG_TYPE if "wrong type" in message else contract.Reason.UNPARSEABLE
+                failures[i] = (reason, message)
+        batch = self._decoder.DecodeBatch([raws[i] for i in kept]) if kept else None
+        return batch, kept, failures
+
+    def _check(self, ids, emb_offsets, emb_values, lab_offsets, lab_values, nulls, row):
+        """(reason, detail, example_id) of one decoded row, reason None when good."""
+        grid = self._grid
+        example_id = None
+        if not nulls[contract.EXAMPLE_ID][row]:
+            values = ids[row].as_py()
+            if len(values) == 1:
+                try:
+                    example_id = values[0].decode("utf-8") or None
+                except UnicodeDecodeError:
+                    example_id = None
+        missing = [name for name in (contract.EXAMPLE_ID, contract.EMBEDDINGS, contract.LABELS) if nulls[name][row]]
+        if missing:
+            return contract.Reason.MISSING_FEATURE, f"missing feature(s): {', '.join(missing)}", example_id
+        n_ids = len(ids[row])
+        n_emb = int(emb_offsets[row + 1] - emb_offsets[row])
+        n_lab = int(lab_offsets[row + 1] - lab_offsets[row])
+        shape = f"grid {','.join(map(str, grid.grid_shape))} dim {grid.dim}"
+        if n_emb != grid.embeddings_length or n_lab != grid.boxes or n_ids != 1:
+            return (contract.Reason.WRONG_LENGTH,
+                    f"lengths embeddings={n_emb} labels={n_lab} example_id={n_ids}, expected "
+                    f"{grid.embeddings_length}, {grid.boxes}, 1 for {shape}", example_id)
+        if example_id is None:
+            return contract.Reason.BAD_EXAMPLE_ID, "example_id is empty or not UTF-8", None
+        labels = lab_values[lab_offsets[row]:lab_offsets[row + 1]]
+        if labels.min(initial=0) < contract.EMPTY_LABEL:
+            box = int(np.argmax(labels < contract.EMPTY_LABEL))
+            return (contract.Reason.BAD_LABEL,
+                    f"label {int(labels[box])} below {contract.EMPTY_LABEL} at box {box} "
+                    f"(level,row,col,anchor)={grid.box_position(box)}", example_id)
+        embeddings = emb_values[emb_offsets[row]:emb_offsets[row + 1]].reshape(grid.boxes, grid.dim)
+        bad_boxes = ~np.isfinite(embeddings).all(axis=1) & (labels >= 0)
+        if bad_boxes.any():
+            box = int(np.argmax(bad_boxes))
+            return (contract.Reason.NON_FINITE,
+                    f"{int(bad_boxes.sum())} valid box(es) hold NaN/Inf, first at box {box} "
+                    f"(level,row,col,anchor)={grid.box_position(box)}", example_id)
+        return None, None, example_id
+
+    def process(self, batch):
+        raws = [raw for _, raw in batch]
+        decoded, kept, failures = self._decode(raws)
+        rejected = {}
+        for i, (reason, detail) in failures.items():
+            rejected[i] = (reason, detail, None)
+        if decoded is not None:
+            import pyarrow.compute as pc
+
+            columns = {name: decoded.column(name) for name in (contract.EXAMPLE_ID, contract.EMBEDDINGS, contract.LABELS)}
+            nulls = {name: np.asarray(pc.is_null(col)) for name, col in columns.items()}
+            emb, lab = columns[contract.EMBEDDINGS], columns[contract.LABELS]
+            emb_offsets, lab_offsets = np.asarray(emb.offsets), np.asarray(lab.offsets)
+            emb_values = emb.values.to_numpy(zero_copy_only=False)
+            lab_values = lab.values.to_numpy(zero_copy_only=False)
+            for row, i in enumerate(kept):
+                reason, detail, example_id = self._check(
+                    columns[contract.EXAMPLE_ID], emb_offsets, emb_values, lab_offsets, lab_values, nulls, row)
+                if reason is not None:
+                    rejected[i] = (reason, detail, example_id)
+        for i, (source_file, raw) in enumerate(batch):
+            if i in rejected and self._emit:
+                reason, detail, example_id = rejected[i]
+                self._rejected[reason].inc()
+                yield beam.pvalue.TaggedOutput(DEAD, dead_letter(source_file, reason, detail, example_id, raw))
+        good_rows = [row for row, i in enumerate(kept) if i not in rejected]
+        if good_rows:
+            yield decoded if len(good_rows) == decoded.num_rows else decoded.take(pa.array(good_rows))
+        if self._emit:
+            self._read.inc(len(batch))
+            self._good.inc(len(batch) - len(rejected))
+
+
+class ValidateRecords(beam.PTransform):
+    """(source_file, raw) -> tagged outputs: main record batches of good records, DEAD rejected rows (when `emit`)."""
+
+    def __init__(self, grid: contract.GridSpec, emit: bool = True):
+        super().__init__()
+        self._grid = grid
+        self._emit = emit
+
+    def expand(self, records):
+        return (
+            records
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=VALIDATE_MAX_BATCH)
+            | "Validate" >> beam.ParDo(_ValidateFn(self._grid, self._emit)).with_outputs(DEAD, main="good")
+        )

@@ -1,0 +1,146 @@
+"""Write stage: vectors/, examples/, dead_letter/ Parquet tables and summary.json under the output dir.
+
+The big vectors table is written inside the stage that produces it (one file per bundle);
+the small tables go through Beam's Parquet sink.
+"""
+
+from __future__ import annotations
+
+import json
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+
+from schemas import contract
+
+TABLE_BATCH_ROWS = 4096  # rows gathered into one Parquet row group for small tables
+PARQUET_CODEC = "snappy"
+PARQUET_SUFFIX = ".parquet"
+
+
+def _rows_to_table(rows) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=contract.DEAD_LETTER_SCHEMA)
+
+
+def _concat(tables) -> pa.Table:
+    return pa.concat_tables(list(tables))
+
+
+def _write_json(_, path, document):
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(document, indent=2, sort_keys=False).encode("utf-8"))
+    return path
+
+
+class WriteTable(beam.PTransform):
+    """pyarrow Tables -> Parquet files `<dir>/part-*.parquet` with the declared schema."""
+
+    def __init__(self, directory: str, schema: pa.Schema, rebatch: bool):
+        super().__init__()
+        self._directory = directory
+        self._schema = schema
+        self._rebatch = rebatch
+
+    def expand(self, tables):
+        from apache_beam.io.parquetio import WriteToParquetBatched
+
+        if self._rebatch:  # small tables -> row groups of a useful size
+            tables = (tables | "Rebatch" >> beam.BatchElements(min_batch_size=1, max_batch_size=TABLE_BATCH_ROWS // 16)
+                      | "Concat" >> beam.Map(_concat))
+        return tables | "Parquet" >> WriteToParquetBatched(
+            FileSystems.join(self._directory, "part"), schema=self._schema, codec=PARQUET_CODEC,
+            file_name_suffix=PARQUET_SUFFIX)
+
+
+class _WriteBundleTablesFn(beam.DoFn):
+    """Tables -> one staged Parquet file per bundle (pyarrow writer on a Beam FileSystems stream).
+
+    Emits the staged path at the end of the bundle. A retried bundle's file is never listed
+    (the runner drops the failed attempt's outputs), so only committed files get published.
+    """
+
+    def __init__(self, staging_dir: str, schema: pa.Schema):
+        self._staging_dir = staging_dir
+        self._schema = schema
+
+    def start_bundle(self):
+        self._path = self._stream = self._writer = None
+
+    def process(self, table: pa.Table):
+        import pyarrow.parquet as pq
+        import uuid
+
+        if self._writer is None:
+            self._path = FileSystems.join(self._staging_dir, f"{uuid.uuid4().hex}{PARQUET_SUFFIX}")
+            self._stream = FileSystems.create(self._path)
+            self._writer = pq.ParquetWriter(self._stream, self._schema, compression=PARQUET_CODEC)
+        self._writer.write_table(table)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.timestamp import MIN_TIMESTAMP
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        if self._writer is not None:
+            self._writer.close()
+            self._stream.close()
+            yield WindowedValue(self._path, MIN_TIMESTAMP, [GlobalWindow()])
+
+
+def _commit_staged(paths, directory: str, staging_dir: str, schema: pa.Schema) -> int:
+    """Renames the committed staged files to part-NNNNN-of-MMMMM.parquet; an empty table if none."""
+    import pyarrow.parquet as pq
+
+    paths = sorted(paths)
+    if not paths:
+        with FileSystems.create(FileSystems.join(directory, f"part-00000-of-00001{PARQUET_SUFFIX}")) as f:
+            pq.write_table(schema.empty_table(), f, compression=PARQUET_CODEC)
+        return 0
+    FileSystems.rename(paths, [FileSystems.join(directory, f"part-{i:05d}-of-{len(paths):05d}{PARQUET_SUFFIX}")
+                               for i in range(len(paths))])
+    FileSystems.delete([staging_dir])
+    return len(paths)
+
+
+class WriteTableFused(beam.PTransform):
+    """pyarrow Tables -> Parquet `<dir>/part-*.parquet`, written in the producing stage itself.
+
+    For the big `vectors` table. Beam's Parquet sink (WriteToParquetBatched) takes a side input
+    that keeps FnApiRunner from fusing its writer with the producer, so every table would be
+    held in memory until the writer's stage runs (peak memory growing with the data, measured
+    in bench/). Here each bundle streams its tables into one staged file; the committed files
+    are renamed in place at the end (only their names cross a shuffle).
+    """
+
+    def __init__(self, directory: str, schema: pa.Schema):
+        super().__init__()
+        self._directory = directory
+        self._schema = schema
+
+    def expand(self, tables):
+        staging = FileSystems.join(self._directory, ".staging")
+        return (tables
+                | "WriteBundles" >> beam.ParDo(_WriteBundleTablesFn(staging, self._schema))
+                | "Staged" >> beam.combiners.ToList()
+                | "Commit" >> beam.Map(_commit_staged, self._directory, staging, self._schema))
+
+
+class WriteOutputs(beam.PTransform):
+    """Writes vectors/, examples/, dead_letter/ Parquet and summary.json under `output_dir`."""
+
+    def __init__(self, output_dir: str):
+        super().__init__()
+        self._output_dir = output_dir
+
+    def expand(self, inputs):
+        vectors, examples, dead, summary = inputs
+        out = self._output_dir
+        _ = vectors | "WriteVectors" >> WriteTableFused(FileSystems.join(out, contract.VECTORS_DIR), contract.VECTORS_SCHEMA)
+        _ = examples | "WriteExamples" >> WriteTable(FileSystems.join(out, contract.EXAMPLES_DIR), contract.EXAMPLES_SCHEMA, True)
+        dead_tables = (dead | "BatchDead" >> beam.BatchElements(min_batch_size=1, max_batch_size=TABLE_BATCH_ROWS)
+                       | "DeadTable" >> beam.Map(_rows_to_table))
+        _ = dead_tables | "WriteDeadLetter" >> WriteTable(
+            FileSystems.join(out, contract.DEAD_LETTER_DIR), contract.DEAD_LETTER_SCHEMA, False)
+        return summary | "WriteSummary" >> beam.Map(
+            lambda document: _write_json(None, FileSystems.join(out, contract.SUMMARY_FILE), document))
