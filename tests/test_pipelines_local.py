@@ -131,6 +131,11 @@ def test_portable_runner_with_a_worker_pool_gives_the_default_runners_tables(sta
     assert_same_outputs(output, stats_run.output_dir)
 
 
+# The killed worker's gRPC threads die with it, as they must; pytest would report each one.
+KILLED_WORKER_THREADS = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+
+
+@KILLED_WORKER_THREADS
 def test_a_killed_worker_fails_the_run_without_publishing_and_a_rerun_succeeds(stats_run, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
     monkeypatch.setenv(FAULT_ENV, str(marker))
@@ -145,6 +150,7 @@ def test_a_killed_worker_fails_the_run_without_publishing_and_a_rerun_succeeds(s
     assert_same_outputs(output, stats_run.output_dir)
 
 
+@KILLED_WORKER_THREADS
 def test_nightly_retries_a_run_whose_worker_died_and_publishes_exact_outputs(stats_run, tmp_path, monkeypatch, capsys):
     marker = tmp_path / "killed"
     monkeypatch.setenv(FAULT_ENV, str(marker))
