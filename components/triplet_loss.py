@@ -441,17 +441,8 @@ def _n_identities(labels, valid):
 # --------------------------------------------------------------------------- public API
 
 
-def triplet_statistics(embeddings, labels, *, margin=0.2, distance="euclidean", normalize=True):
-    """Per-set statistics: dict of ``[batch]`` tensors keyed by :data:`STATISTIC_NAMES` (in order).
-
-    ``embeddings`` ``[batch, boxes, dim]``, ``labels`` ``[batch, boxes]`` (-1 = ignore).
-    Counts are int64, the rest float32.  An undefined mean/min/max (e.g. no positive
-    pair) is 0 and its count is 0.
-    """
-    _check_distance(distance)
-    margin = _check_margin(margin)
-    labels = tf.cast(tf.convert_to_tensor(labels), tf.int64)
-    g = _geometry(embeddings, labels, distance, normalize)
+def _statistics(g, labels, margin, distance, normalize):
+    """The :data:`STATISTIC_NAMES` dict of sets whose geometry is ``g``."""
     srt = _sorted_negatives(g)
     hinge_sum, n_active = _batch_all_terms(g, srt, margin)
     bound = _loss_bound(distance, normalize, margin)
@@ -470,6 +461,43 @@ def triplet_statistics(embeddings, labels, *, margin=0.2, distance="euclidean", 
         name: tf.cast(stats[name], tf.int64 if name in _COUNT_NAMES else tf.float32)
         for name in STATISTIC_NAMES
     }
+
+
+def triplet_statistics(embeddings, labels, *, margin=0.2, distance="euclidean", normalize=True):
+    """Per-set statistics: dict of ``[batch]`` tensors keyed by :data:`STATISTIC_NAMES` (in order).
+
+    ``embeddings`` ``[batch, boxes, dim]``, ``labels`` ``[batch, boxes]`` (-1 = ignore).
+    Counts are int64, the rest float32.  An undefined mean/min/max (e.g. no positive
+    pair) is 0 and its count is 0.
+    """
+    _check_distance(distance)
+    margin = _check_margin(margin)
+    labels = tf.cast(tf.convert_to_tensor(labels), tf.int64)
+    return _statistics(_geometry(embeddings, labels, distance, normalize), labels, margin, distance, normalize)
+
+
+def triplet_statistics_and_histograms(
+    embeddings, labels, *, bins, upper_edge, margin=0.2, distance="euclidean", normalize=True
+):
+    """:func:`triplet_statistics` plus the distance histograms of all sets' unordered pairs.
+
+    Returns ``(stats, positive [bins], negative [bins])``: int64 counts of positive / negative
+    pair distances on ``bins`` fixed bins over ``[0, upper_edge]`` (values above go to the
+    last bin), summed over the batch, from the same distance matrix as the statistics.
+    """
+    _check_distance(distance)
+    margin = _check_margin(margin)
+    labels = tf.cast(tf.convert_to_tensor(labels), tf.int64)
+    g = _geometry(embeddings, labels, distance, normalize)
+    n = tf.shape(labels)[1]
+    unordered = (tf.range(n)[:, None] < tf.range(n)[None, :])[None]  # i < j
+    value_range = tf.stack([tf.constant(0.0), tf.cast(upper_edge, tf.float32)])
+
+    def histogram(pairs):
+        values = tf.boolean_mask(g.dist, tf.logical_and(pairs, unordered))
+        return tf.histogram_fixed_width(values, value_range, nbins=bins, dtype=tf.int64)
+
+    return _statistics(g, labels, margin, distance, normalize), histogram(g.pos), histogram(g.neg)
 
 
 def triplet_loss(

@@ -173,6 +173,37 @@ def test_statistics_match_bruteforce_reference(distance, normalize):
         assert_matches(got, want, names, tolerance(distance, normalize))
 
 
+@pytest.mark.parametrize("distance", T.DISTANCES)
+def test_histograms_count_unordered_pairs_on_fixed_bins(distance):
+    """Statistics as triplet_statistics gives them; histograms against brute-force pair loops."""
+    sets = make_sets(seed=3)
+    emb, lab = pad_batch(sets)
+    bins, margin = 7, 0.2
+    pos_d, neg_d = [], []
+    for _, e, l in sets:
+        valid = [i for i in range(len(l)) if l[i] >= 0]
+        for i, j in itertools.combinations(valid, 2):
+            (pos_d if l[i] == l[j] else neg_d).append(ref_distance(e[i], e[j], distance, True))
+    upper = 0.8 * max(pos_d + neg_d)  # some distances lie above the top edge: last bin
+
+    def ref_histogram(values):
+        index = np.clip(np.floor(np.array(values) / upper * bins).astype(int), 0, bins - 1)  # 1 - cos can round below 0
+        return np.bincount(index, minlength=bins)
+
+    def near_an_edge(values):  # float32 vs float64 may bin these either side
+        scaled = np.array(values) / upper * bins
+        return int(np.sum(np.abs(scaled - np.round(scaled)) < 1e-4))
+
+    stats, pos, neg = T.triplet_statistics_and_histograms(
+        emb, lab, bins=bins, upper_edge=upper, margin=margin, distance=distance)
+    assert_matches(stats, [ref_set(e, l, margin, distance, True) for _, e, l in sets], [s[0] for s in sets],
+                   tolerance(distance, True))
+    for got, values in ((pos.numpy(), pos_d), (neg.numpy(), neg_d)):
+        assert got.dtype == np.int64 and got.sum() == len(values)
+        assert np.abs(got - ref_histogram(values)).sum() <= 2 * near_an_edge(values)
+    assert ref_histogram(pos_d + neg_d)[-1] > 0 and int(pos[-1] + neg[-1]) > 0
+
+
 def test_statistics_dtypes_shapes_and_known_values():
     # Three boxes on a line, labels a, a, b; one padding box.
     emb = np.array([[[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [9.0, 9.0]]], np.float32)

@@ -130,21 +130,9 @@ class _PairStatisticsFn(beam.DoFn):
             tf.TensorSpec([None, None], tf.int64),
             tf.TensorSpec([], tf.float32)], autograph=False)  # plain TF ops: no AutoGraph conversion (start-up)
         def statistics(embeddings, labels, upper_edge):
-            stats = triplet_loss.triplet_statistics(
-                embeddings, labels, margin=margin, distance=distance, normalize=normalize)
-            dist = triplet_loss.pairwise_distances(embeddings, distance, normalize)  # [n, m, m]
-            valid = labels >= 0
-            m = tf.shape(labels)[1]
-            upper = tf.range(m)[:, None] < tf.range(m)[None, :]
-            both = tf.logical_and(tf.logical_and(valid[:, :, None], valid[:, None, :]), upper[None])
-            same = tf.equal(labels[:, :, None], labels[:, None, :])
-            index = tf.cast(tf.floor(dist / upper_edge * bins), tf.int32)
-            index = tf.clip_by_value(index, 0, bins - 1)  # the last bin also holds values above its edge
-            pos = tf.math.bincount(tf.boolean_mask(index, tf.logical_and(both, same)),
-                                   minlength=bins, maxlength=bins, dtype=tf.int64)
-            neg = tf.math.bincount(tf.boolean_mask(index, tf.logical_and(both, tf.logical_not(same))),
-                                   minlength=bins, maxlength=bins, dtype=tf.int64)
-            return stats, pos, neg
+            return triplet_loss.triplet_statistics_and_histograms(
+                embeddings, labels, bins=bins, upper_edge=upper_edge, margin=margin, distance=distance,
+                normalize=normalize)
 
         self._statistics = statistics
         self._tf = tf

@@ -18,17 +18,6 @@ AUC_BINS = 4096  # histogram bins over [0, max_distance] for the ROC AUC
 LOSS_FIGURES = ("batch_all_loss", "batch_hard_loss", "semi_hard_loss")
 
 
-def _upper_pairs(labels):
-    """Boolean [b, n, n] masks of unordered valid pairs (i < j) with equal / different labels."""
-    valid = labels >= 0
-    n = tf.shape(labels)[1]
-    idx = tf.range(n)
-    upper = (idx[:, None] < idx[None, :])[None]
-    both = tf.logical_and(tf.logical_and(valid[:, :, None], valid[:, None, :]), upper)
-    same = tf.equal(labels[:, :, None], labels[:, None, :])
-    return tf.logical_and(both, same), tf.logical_and(both, tf.logical_not(same))
-
-
 def make_batch_figures(margin: float, distance: str):
     """A tf.function: (embeddings [b, n, d], labels [b, n]) -> dict of per-batch sums and histograms."""
     top = triplet_loss.max_distance(distance, True)
@@ -38,7 +27,8 @@ def make_batch_figures(margin: float, distance: str):
         autograph=False,
     )
     def batch_figures(embeddings, labels):
-        stats = triplet_loss.triplet_statistics(embeddings, labels, margin=margin, distance=distance, normalize=True)
+        stats, pos_hist, neg_hist = triplet_loss.triplet_statistics_and_histograms(
+            embeddings, labels, bins=AUC_BINS, upper_edge=top, margin=margin, distance=distance, normalize=True)
         has_triplet = stats["n_triplets"] > 0
         out = {"examples": tf.size(has_triplet, tf.int64), "examples_with_triplets": tf.reduce_sum(tf.cast(has_triplet, tf.int64))}
         for name in LOSS_FIGURES:
@@ -46,12 +36,10 @@ def make_batch_figures(margin: float, distance: str):
         out["triplet_loss_sum"] = tf.reduce_sum(tf.cast(stats["triplet_loss_sum"], tf.float64))
         out["n_triplets"] = tf.reduce_sum(stats["n_triplets"])
         out["n_active_triplets"] = tf.reduce_sum(stats["n_active_triplets"])
+        out["pos_hist"], out["neg_hist"] = pos_hist, neg_hist
         valid = labels >= 0
         clean = tf.where(valid[..., None], embeddings, tf.zeros_like(embeddings))  # padding values never read
-        dist = triplet_loss.pairwise_distances(clean, distance, normalize=True)
-        pos, neg = _upper_pairs(labels)
-        out["pos_hist"] = tf.histogram_fixed_width(tf.boolean_mask(dist, pos), [0.0, top], nbins=AUC_BINS, dtype=tf.int64)
-        out["neg_hist"] = tf.histogram_fixed_width(tf.boolean_mask(dist, neg), [0.0, top], nbins=AUC_BINS, dtype=tf.int64)
+        dist = triplet_loss.pairwise_distances(clean, distance, normalize=True)  # for recall@1
         # recall@1: nearest other valid box (ties: lowest index).
         n = tf.shape(labels)[1]
         other = tf.logical_and(tf.logical_and(valid[:, :, None], valid[:, None, :]), tf.logical_not(tf.eye(n, dtype=tf.bool))[None])
