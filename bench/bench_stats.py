@@ -56,10 +56,12 @@ def child_floor(input_glob: str) -> dict:
     start = time.perf_counter()
     import glob
 
+    import numpy as np
     import tensorflow as tf
 
     from components import triplet_loss
-    from components.embedding_stats.statistics import MAX_PAIR_CELLS_PER_CALL, _compact
+    from components.embedding_stats.boxes import box_rows
+    from components.embedding_stats.statistics import MAX_PAIR_CELLS_PER_CALL, BoxSets
 
     grid = contract.GridSpec()
     spec = {
@@ -73,11 +75,15 @@ def child_floor(input_glob: str) -> dict:
     examples = boxes = 0
     for batch in dataset:
         labels = batch[contract.LABELS].numpy()
-        m = max(1, int((labels >= 0).sum(axis=1).max()))  # valid boxes first, tail of empty boxes dropped
-        compact, compact_labels = _compact(batch[contract.EMBEDDINGS].numpy(), labels, m)
+        sets, box = box_rows(labels)  # valid boxes gathered as the pipeline does, padded to the batch's largest
+        row_labels = labels[sets, box]
+        rows = BoxSets.from_rows(sets, row_labels >= 0)
+        m = max(1, int(rows.valid_counts.max()))
+        padded, padded_labels = rows.padded(batch[contract.EMBEDDINGS].numpy()[sets, box], row_labels,
+                                            np.arange(len(labels)), m)
         chunk = max(1, MAX_PAIR_CELLS_PER_CALL // m ** 2)  # same memory bound as the pipeline
         for first in range(0, len(labels), chunk):
-            out = stats(compact[first:first + chunk], compact_labels[first:first + chunk])
+            out = stats(padded[first:first + chunk], padded_labels[first:first + chunk])
             boxes += int(out["n_boxes"].numpy().sum())
         examples += len(labels)
     return {"seconds": time.perf_counter() - start, "examples": examples, "boxes": boxes,

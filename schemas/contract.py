@@ -30,6 +30,19 @@ DEFAULT_DIM = 100  # floats per box embedding
 
 INPUT_SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "input_schema.pbtxt")
 
+# ---------------------------------------------------------------------------
+# Boxes: one row per box, the raw input of the transform graph (box_schema.pbtxt).
+# ---------------------------------------------------------------------------
+BOX_EMBEDDING = "embedding"  # float [dim], raw units
+BOX_LABEL = "label"  # int64 scalar
+# Carried past tf.Transform beside each box row (passthrough: not inputs of the transform graph).
+BOX_EXAMPLE_ID = EXAMPLE_ID  # the box's example
+BOX_INDEX = "box"  # int64: flat index of the box in its grid, row-major [levels, height, width, anchors]
+BOX_SET = "set"  # int64: index of the box's example in its record batch (rows of an example are adjacent)
+BOX_PASSTHROUGH = (BOX_EXAMPLE_ID, BOX_INDEX, BOX_SET)
+
+BOX_SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "box_schema.pbtxt")
+
 
 @dataclasses.dataclass(frozen=True)
 class GridSpec:
@@ -91,23 +104,43 @@ class GridSpec:
         return [self.levels, self.height, self.width, self.anchors]
 
 
-def input_schema(grid: GridSpec = GridSpec()):
-    """The tensorflow-metadata Schema of the input records, with the shapes of `grid`."""
+def _schema_with_shapes(path: str, shapes: dict):
+    """The tensorflow-metadata Schema in `path` with each feature's shape set from `shapes`."""
     from google.protobuf import text_format
     from tensorflow_metadata.proto.v0 import schema_pb2
 
-    with open(INPUT_SCHEMA_PATH) as f:
+    with open(path) as f:
         schema = text_format.Parse(f.read(), schema_pb2.Schema())
-    shapes = {
-        EXAMPLE_ID: [1],
-        EMBEDDINGS: [*grid.grid_shape, grid.dim],
-        LABELS: list(grid.grid_shape),
-    }
     for feature in schema.feature:
         del feature.shape.dim[:]
         for size in shapes[feature.name]:
             feature.shape.dim.add(size=size)
     return schema
+
+
+def input_schema(grid: GridSpec = GridSpec()):
+    """The tensorflow-metadata Schema of the input records, with the shapes of `grid`."""
+    return _schema_with_shapes(INPUT_SCHEMA_PATH, {
+        EXAMPLE_ID: [1],
+        EMBEDDINGS: [*grid.grid_shape, grid.dim],
+        LABELS: list(grid.grid_shape),
+    })
+
+
+def box_schema(grid: GridSpec = GridSpec()):
+    """The tensorflow-metadata Schema of one box (the transform graph's raw input) for `grid`'s dim."""
+    return _schema_with_shapes(BOX_SCHEMA_PATH, {BOX_EMBEDDING: [grid.dim], BOX_LABEL: []})
+
+
+# Arrow layout of the box record batches between EmbeddingStats stages: every column a list
+# of one value per row (a vector of `dim` for the embedding), as TFXIO lays out features.
+BOX_ARROW_SCHEMA = pa.schema([
+    pa.field(BOX_EXAMPLE_ID, pa.large_list(pa.large_binary())),
+    pa.field(BOX_INDEX, pa.large_list(pa.int64())),
+    pa.field(BOX_SET, pa.large_list(pa.int64())),
+    pa.field(BOX_LABEL, pa.large_list(pa.int64())),
+    pa.field(BOX_EMBEDDING, pa.large_list(pa.float32())),
+])
 
 
 # ---------------------------------------------------------------------------

@@ -158,18 +158,18 @@ def test_transform_graph_serves_the_same_preprocessing(stats_run, reference_inpu
     import tensorflow_transform as tft
 
     output = tft.TFTransformOutput(os.path.join(stats_run.output_dir, contract.TRANSFORM_GRAPH_DIR))
-    assert set(output.raw_feature_spec()) == {contract.EXAMPLE_ID, contract.EMBEDDINGS, contract.LABELS}
-    example_id, (emb, labels) = next(iter(reference_input.items()))
-    grid = stats_run.grid
-    features = {
-        contract.EXAMPLE_ID: tf.constant([[example_id.encode()]]),
-        contract.EMBEDDINGS: tf.constant(emb.reshape(1, *grid.grid_shape, grid.dim), tf.float32),
-        contract.LABELS: tf.constant(labels.reshape(1, *grid.grid_shape)),
-    }
+    assert set(output.raw_feature_spec()) == {contract.BOX_EMBEDDING, contract.BOX_LABEL}  # one box, no grid
+    _, (emb, labels) = next(iter(reference_input.items()))
+    emb = emb[labels >= 0]  # any boxes: serving feeds boxes without labels
+    features = {contract.BOX_EMBEDDING: tf.constant(emb, tf.float32),
+                contract.BOX_LABEL: tf.zeros([len(emb)], tf.int64)}
     transformed = output.transform_features_layer()(features)
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    valid = labels >= 0
-    np.testing.assert_allclose(transformed["embedding"].numpy()[0][valid], unit[valid], atol=FLOAT_ATOL)
+    np.testing.assert_allclose(transformed["embedding"].numpy(), unit, atol=FLOAT_ATOL)
+    norms = np.concatenate([e[l >= 0] for e, l in reference_input.values()])
+    norms = np.linalg.norm(norms.astype(np.float64), axis=1)
+    z = (np.linalg.norm(emb, axis=1) - norms.mean()) / norms.std()
+    np.testing.assert_allclose(transformed["l2_norm_z"].numpy(), z, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -212,24 +212,25 @@ def test_no_normalize_uses_raw_vectors_and_a_data_sized_histogram(variant_runs, 
 
 def test_an_examples_statistics_do_not_depend_on_its_batch_mates():
     """Bitwise: every runner batches differently, so results must not depend on the batch."""
-    from components.embedding_stats.statistics import _PairStatisticsFn
+    from components.embedding_stats.statistics import SET_SIZE_STEP, BoxSets, _PairStatisticsFn
 
-    grid = contract.GridSpec(1, 6, 6, 3, dim=8)  # 108 boxes: set sizes on both sides of SET_SIZE_STEP
+    grid = contract.GridSpec(1, 6, 6, 3, dim=8)  # 108 boxes
     rng = np.random.default_rng(0)
-    n = 6
-    fed = rng.normal(size=(n, grid.boxes, grid.dim)).astype(np.float32)
-    labels = rng.integers(0, 4, size=(n, grid.boxes))
-    for i, keep in enumerate([3, 40, 70, 100, 108, 0]):  # valid boxes per example
-        labels[i, keep:] = contract.EMPTY_LABEL
+    valid_boxes = [3, 40, 70, 100, 108, 0, SET_SIZE_STEP, SET_SIZE_STEP + 1]  # set sizes on both sides of the step
+    rows = [max(1, k) for k in valid_boxes]  # an example without valid boxes has one placeholder row
+    fed = rng.normal(size=(sum(rows), grid.dim)).astype(np.float32)
+    labels = np.concatenate([rng.integers(0, 4, size=k) if k else [contract.EMPTY_LABEL] for k in valid_boxes])
+    set_index = np.repeat(np.arange(len(rows)), rows)
     fn = _PairStatisticsFn(grid, margin=0.2, distance="euclidean", normalize=True, bins=16)
     fn.setup()
-    together, pos, neg = fn._loss_graph(fed, labels, 2.0)
+    together, pos, neg = fn._loss_graph(BoxSets.from_rows(set_index, labels >= 0), fed, labels, 2.0)
     pos_alone, neg_alone = 0, 0
-    for i in range(n):
-        alone, p, q = fn._loss_graph(fed[i:i + 1], labels[i:i + 1], 2.0)
+    for i in range(len(rows)):
+        mine = set_index == i
+        alone, p, q = fn._loss_graph(BoxSets.from_rows(set_index[mine], labels[mine] >= 0), fed[mine], labels[mine], 2.0)
         pos_alone, neg_alone = pos_alone + p, neg_alone + q
         for name in together:
             assert together[name][i] == alone[name][0] or (np.isnan(alone[name][0]) and np.isnan(together[name][i])), (
                 i, name)
     assert (pos == pos_alone).all() and (neg == neg_alone).all()
-    assert together["n_boxes"].tolist() == [3, 40, 70, 100, 108, 0]
+    assert together["n_boxes"].tolist() == valid_boxes

@@ -14,7 +14,7 @@ GRID = contract.GridSpec(1, 3, 3, 2, dim=4)
 
 @pytest.fixture(scope="module")
 def validator():
-    fn = _ValidateFn(GRID, emit=False)
+    fn = _ValidateFn(GRID)
     fn.setup()
     return fn
 

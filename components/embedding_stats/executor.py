@@ -21,6 +21,8 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from components.embedding_stats.boxes import ToBoxes
+from components.embedding_stats.cache import CacheBatches, ReplayCache, delete_cache
 from components.embedding_stats.common import DEAD
 from components.embedding_stats.norms import AnalyzeNorms, TransformNorms
 from components.embedding_stats.read import ReadRecords
@@ -39,6 +41,7 @@ from schemas import contract
 TEMP_SUFFIX = ".tmp-"  # <output>.tmp-<token>: where a run writes before publishing
 OLD_SUFFIX = ".old-"  # <output>.old-<token>: previous results while being replaced
 TFT_TEMP_DIR = ".tft_tmp"  # tf.Transform's scratch space inside the temp output
+BOX_CACHE_DIR = ".box_cache"  # the analysis pass's box batches, replayed by the transform pass
 VERSIONED_PACKAGES = ("tripletflow", "apache-beam", "tensorflow", "tensorflow-transform", "tfx-bsl",
                       "pyarrow", "numpy")
 
@@ -119,19 +122,21 @@ def build_pipeline(p: beam.Pipeline, options, *, output_dir: str | None = None, 
     output_dir = (output_dir or opts.output).rstrip("/")
     files = list(input_files) if input_files is not None else expand_input(opts.input)
     temp_dir = FileSystems.join(output_dir, TFT_TEMP_DIR)
+    cache_dir = FileSystems.join(output_dir, BOX_CACHE_DIR)
 
-    # Two reads of the same files: the first feeds tf.Transform's analysis; the second, started
-    # once the transform graph exists, feeds the transform and everything downstream (only this
-    # one reports dead letters and counters).
-    analysis_read = p | "ReadForAnalysis" >> ReadRecords(files, emit_metrics=False)
-    analysis_good = analysis_read.records | "ValidateForAnalysis" >> ValidateRecords(grid, emit=False)
-    transform_fn = analysis_good.good | "AnalyzeNorms" >> AnalyzeNorms(
+    # One read. tf.Transform's analysis takes the valid boxes straight from the read; the same
+    # boxes are cached on disk and replayed, once the transform graph exists, into the
+    # transform and everything downstream (streaming: memory does not grow with the input).
+    read = p | "ReadRecords" >> ReadRecords(files)
+    validated = read.records | "ValidateRecords" >> ValidateRecords(grid)
+    boxes = validated.good | "ToBoxes" >> ToBoxes(grid)
+    transform_fn = boxes | "AnalyzeNorms" >> AnalyzeNorms(
         grid, normalize=opts.normalize, center=opts.center, norm_buckets=opts.norm_buckets,
         batch_size=opts.batch_size, temp_dir=temp_dir,
         transform_graph_dir=FileSystems.join(output_dir, contract.TRANSFORM_GRAPH_DIR))
-    read = p | "ReadRecords" >> ReadRecords(files, emit_metrics=True, after=transform_fn[0])
-    validated = read.records | "ValidateRecords" >> ValidateRecords(grid, emit=True)
-    transformed = validated.good | "TransformNorms" >> TransformNorms(
+    cached = boxes | "CacheBoxes" >> CacheBatches(cache_dir, contract.BOX_ARROW_SCHEMA)
+    replayed = cached | "ReplayBoxes" >> ReplayCache(after=transform_fn[0])
+    transformed = replayed | "TransformNorms" >> TransformNorms(
         grid, transform_fn, batch_size=opts.batch_size, temp_dir=temp_dir)
     stats = transformed | "PairStatistics" >> PairStatistics(
         grid, margin=opts.margin, distance=opts.distance, normalize=opts.normalize, bins=opts.histogram_bins)
@@ -139,6 +144,8 @@ def build_pipeline(p: beam.Pipeline, options, *, output_dir: str | None = None, 
     summary = {**{tag: stats[tag] for tag in (PARTIAL, LABEL_SET, NORMS, FED_MAX)}, DEAD: dead} | "Summarize" >> Summarize(
         distance=opts.distance, normalize=opts.normalize, bins=opts.histogram_bins)
     written = (stats[VECTORS], stats[EXAMPLES], dead, summary) | "WriteOutputs" >> WriteOutputs(output_dir)
+    _ = (p | "CacheDir" >> beam.Create([cache_dir])
+         | "DeleteBoxCache" >> beam.Map(delete_cache, beam.pvalue.AsIter(written)))
     return {"stats": stats, "dead": dead, "summary": summary, "written": written}
 
 

@@ -1,7 +1,8 @@
 """tf.Transform stages: AnalyzeNorms (full-pass analysis -> transform graph), TransformNorms (apply it).
 
-The record batches from ValidateRecords reach tf.Transform through TFXIO's TensorAdapterConfig.
-The analysis and the transform each get their own read of the input (as TFX's Transform does).
+Both consume box record batches (contract.BOX_ARROW_SCHEMA) through a TFXIO TensorAdapterConfig
+of the box schema; the example id, box index and set index ride along as tf.Transform
+passthrough columns, so the transform graph's raw input is one box (what serving feeds).
 """
 
 from __future__ import annotations
@@ -13,25 +14,24 @@ from components.embedding_stats import preprocessing as pp
 from schemas import contract
 
 
-def example_tfxio(grid: contract.GridSpec):
-    """TFXIO of the input records: its TensorAdapterConfig maps the decoded columns to tensors for TFT."""
-    from tfx_bsl.public import tfxio
+def box_tensor_adapter_config(grid: contract.GridSpec):
+    """How tf.Transform turns box record batches into tensors: the box schema's dense features."""
+    from tfx_bsl.tfxio import tensor_adapter, tensor_representation_util
 
-    return tfxio.TFExampleBeamRecord(
-        physical_format="tfrecord", telemetry_descriptors=["tripletflow", "EmbeddingStats"],
-        schema=contract.input_schema(grid))
+    representations = tensor_representation_util.InferTensorRepresentationsFromSchema(contract.box_schema(grid))
+    return tensor_adapter.TensorAdapterConfig(contract.BOX_ARROW_SCHEMA, representations)
 
 
 class AnalyzeNorms(beam.PTransform):
-    """Good record batches -> transform_fn: tf.Transform's analyze phase (full-pass statistics).
+    """Box record batches -> transform_fn: tf.Transform's analyze phase (full-pass statistics).
 
-    Writes the transform graph (with the raw schema under `metadata/`) to `transform_graph_dir`.
+    Writes the transform graph (with the raw box schema under `metadata/`) to `transform_graph_dir`.
     """
 
     def __init__(self, grid, *, normalize, center, norm_buckets, batch_size, temp_dir, transform_graph_dir):
         super().__init__()
         self._grid = grid
-        self._fn = pp.make_preprocessing_fn(grid, normalize=normalize, center=center, norm_buckets=norm_buckets)
+        self._fn = pp.make_preprocessing_fn(normalize=normalize, center=center, norm_buckets=norm_buckets)
         self._batch_size = batch_size
         self._temp_dir = temp_dir
         self._transform_graph_dir = transform_graph_dir
@@ -40,20 +40,21 @@ class AnalyzeNorms(beam.PTransform):
         import tensorflow_transform.beam as tft_beam
         from tensorflow_transform.tf_metadata import dataset_metadata
 
-        io = example_tfxio(self._grid)
+        config = box_tensor_adapter_config(self._grid)
         with tft_beam.Context(temp_dir=self._temp_dir, desired_batch_size=self._batch_size):
-            transform_fn = (batches, io.TensorAdapterConfig()) | "Analyze" >> tft_beam.AnalyzeDataset(self._fn)
+            transform_fn = (batches, config) | "Analyze" >> tft_beam.AnalyzeDataset(self._fn)
             _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(self._transform_graph_dir)
-            _ = (dataset_metadata.DatasetMetadata(contract.input_schema(self._grid))
+            _ = (dataset_metadata.DatasetMetadata(contract.box_schema(self._grid))
                  | "WriteRawMetadata" >> tft_beam.WriteMetadata(
                      FileSystems.join(self._transform_graph_dir, "metadata"), batches.pipeline))
         return transform_fn
 
 
 class TransformNorms(beam.PTransform):
-    """Good record batches -> transformed record batches (tf.Transform's transform phase).
+    """Box record batches -> transformed box record batches (tf.Transform's transform phase).
 
-    `transform_fn` is AnalyzeNorms' output: (saved model dir PCollection, metadata).
+    `transform_fn` is AnalyzeNorms' output: (saved model dir PCollection, metadata). Each output
+    batch holds the preprocessing outputs and the passthrough columns of one input batch.
     """
 
     def __init__(self, grid, transform_fn, *, batch_size, temp_dir):
@@ -66,9 +67,9 @@ class TransformNorms(beam.PTransform):
     def expand(self, batches):
         import tensorflow_transform.beam as tft_beam
 
-        transform_fn = self._transform_fn
-        io = example_tfxio(self._grid)
-        with tft_beam.Context(temp_dir=self._temp_dir, desired_batch_size=self._batch_size):
-            transformed, _ = (((batches, io.TensorAdapterConfig()), transform_fn)
+        config = box_tensor_adapter_config(self._grid)
+        with tft_beam.Context(temp_dir=self._temp_dir, desired_batch_size=self._batch_size,
+                              passthrough_keys=set(contract.BOX_PASSTHROUGH)):
+            transformed, _ = (((batches, config), self._transform_fn)
                               | "Transform" >> tft_beam.TransformDataset(output_record_batches=True))
-        return transformed | "DropPassthrough" >> beam.Map(lambda item: item[0])
+        return transformed | "DropUnaryPassthrough" >> beam.Map(lambda item: item[0])

@@ -47,9 +47,6 @@ class _ReadFileFn(beam.DoFn):
     OpError; the records before it are kept and the rest of the file is skipped.
     """
 
-    def __init__(self, emit_metrics: bool):
-        self._emit_metrics = emit_metrics
-
     def setup(self):
         import tensorflow as tf
 
@@ -78,26 +75,18 @@ class _ReadFileFn(beam.DoFn):
             message = _clean_tf_message(getattr(error, "message", None) or str(error))
             detail = f"TFRecord framing broken after {index} good record(s); rest of file skipped: {message}"
             _LOG.warning("%s: %s", path, detail)
-            if self._emit_metrics:
-                self._corrupt.inc()
+            self._corrupt.inc()
             yield beam.pvalue.TaggedOutput(DEAD, dead_letter(path, contract.Reason.CORRUPT_FILE, detail))
-        if self._emit_metrics:
-            self._files.inc()
+        self._files.inc()
 
 
 class ReadRecords(beam.PTransform):
     """Input files -> tagged outputs: main (source_file, raw bytes), DEAD (corrupt_file rows)."""
 
-    def __init__(self, files, emit_metrics: bool = True, after=None):
+    def __init__(self, files):
         super().__init__()
         self._files = list(files)
-        self._emit_metrics = emit_metrics
-        self._after = after  # a PCollection to wait for before reading (see build_pipeline)
 
     def expand(self, pbegin):
         files = pbegin | "Files" >> beam.Create(self._files) | "SpreadFiles" >> beam.Reshuffle()
-        if self._after is not None:
-            # Reading starts only once `after` is complete, so the records stream through one fused
-            # stage (read, validate, transform, statistics, write) instead of piling up before it.
-            files = files | "WaitFor" >> beam.Map(lambda path, _: path, beam.pvalue.AsIter(self._after))
-        return files | "ReadFile" >> beam.ParDo(_ReadFileFn(self._emit_metrics)).with_outputs(DEAD, main="records")
+        return files | "ReadFile" >> beam.ParDo(_ReadFileFn()).with_outputs(DEAD, main="records")

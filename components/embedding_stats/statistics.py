@@ -1,12 +1,14 @@
-"""Pair statistics stage: transformed record batches -> per-example triplet statistics and tables.
+"""Pair statistics stage: transformed box record batches -> per-example triplet statistics and tables.
 
-Calls the loss graph (components.triplet_loss) on each example's valid boxes in a padded set
-whose size depends on that example alone, so results are bitwise the same on every runner.
-Emits the vectors/examples tables and small per-batch partials for the summary.
+Regroups each batch's box rows into their examples and calls the loss graph
+(components.triplet_loss) on each example's valid boxes in a padded set whose size depends
+on that example alone, so results are bitwise the same on every runner. Emits the
+vectors/examples tables and small per-batch partials for the summary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -21,7 +23,7 @@ from components.embedding_stats import preprocessing as pp
 from components.embedding_stats.common import METRICS_NAMESPACE
 from schemas import contract
 
-SET_SIZE_STEP = 64  # padded set sizes: powers of two up to this, then multiples of it
+SET_SIZE_STEP = 16  # padded set sizes: powers of two up to this, then multiples of it
 MAX_PAIR_CELLS_PER_CALL = 1 << 23  # bound on examples * boxes^2 per loss-graph call (memory)
 PROGRESS_EVERY_EXAMPLES = 500  # a progress line on stderr every this many examples (per worker)
 
@@ -34,7 +36,7 @@ FED_MAX = "fed_max_norm"  # the dataset's largest fed-vector norm (a constant of
 
 
 def _column(batch: pa.RecordBatch, name: str) -> np.ndarray:
-    """A transformed column as a flat numpy array (list columns flattened)."""
+    """A column as a flat numpy array (list columns flattened)."""
     column = batch.column(batch.schema.get_field_index(name))
     if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
         column = column.flatten()
@@ -46,7 +48,7 @@ def padded_set_size(valid_boxes: int) -> int:
 
     Next power of two up to SET_SIZE_STEP, then the next multiple of SET_SIZE_STEP, so an
     example's floating-point reductions never depend on which examples share its batch
-    (identical results on every runner), with little padding (1690 boxes -> 1728).
+    (identical results on every runner), with little padding (85 boxes -> 96, 1690 -> 1696).
     """
     count = max(1, int(valid_boxes))
     if count <= SET_SIZE_STEP:
@@ -54,25 +56,41 @@ def padded_set_size(valid_boxes: int) -> int:
     return -(-count // SET_SIZE_STEP) * SET_SIZE_STEP
 
 
-def _compact(embeddings, labels, m):
-    """Moves each example's valid boxes first into a padded set of `m` boxes (m >= valid boxes).
+@dataclasses.dataclass(frozen=True)
+class BoxSets:
+    """How the rows of a box batch form examples (rows of one example adjacent, valid boxes first).
 
-    [n, boxes, dim], [n, boxes] -> [n, m, dim], [n, m]; padding has label -1 and zero vectors.
-    The loss graph is O(m^2): sparse grids get far cheaper than the full grid.
+    starts [examples]: first row of each example; valid_counts [examples]; example_of_row and
+    slot [rows]: the row's example and its position in that example's padded set.
     """
-    valid = labels >= 0
-    counts = valid.sum(axis=1)
-    order = np.argsort(~valid, axis=1, kind="stable")[:, :m]
-    compact_labels = np.take_along_axis(labels, order, axis=1)
-    compact = np.take_along_axis(embeddings, order[:, :, None], axis=1)
-    padding = np.arange(order.shape[1])[None, :] >= counts[:, None]
-    compact_labels[padding] = contract.EMPTY_LABEL
-    compact[padding] = 0.0
-    if order.shape[1] < m:  # the set is larger than the grid: pad further
-        extra = m - order.shape[1]
-        compact = np.pad(compact, [(0, 0), (0, extra), (0, 0)])
-        compact_labels = np.pad(compact_labels, [(0, 0), (0, extra)], constant_values=contract.EMPTY_LABEL)
-    return compact, compact_labels
+
+    starts: np.ndarray
+    valid_counts: np.ndarray
+    example_of_row: np.ndarray
+    slot: np.ndarray
+
+    @classmethod
+    def from_rows(cls, set_index: np.ndarray, valid: np.ndarray) -> "BoxSets":
+        rows = len(set_index)
+        starts = np.flatnonzero(np.r_[True, set_index[1:] != set_index[:-1]]) if rows else np.zeros(0, np.int64)
+        example_of_row = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, rows]))
+        valid_counts = np.add.reduceat(valid.astype(np.int64), starts) if rows else np.zeros(0, np.int64)
+        return cls(starts, valid_counts, example_of_row, np.arange(rows) - starts[example_of_row])
+
+    def padded(self, embedding, labels, members, m):
+        """The valid rows of examples `members` as padded sets [len(members), m, dim], [len(members), m].
+
+        Padding has label -1 and zero vectors. The loss graph is O(m^2): sparse grids cost their valid boxes.
+        """
+        local = np.full(len(self.starts), -1)
+        local[members] = np.arange(len(members))
+        rows = np.flatnonzero((labels >= 0) & (local[self.example_of_row] >= 0))
+        sets = np.zeros((len(members), m, embedding.shape[1]), np.float32)
+        set_labels = np.full((len(members), m), contract.EMPTY_LABEL, np.int64)
+        where = local[self.example_of_row[rows]], self.slot[rows]
+        sets[where] = embedding[rows]
+        set_labels[where] = labels[rows]
+        return sets, set_labels
 
 
 def histogram_range(distance: str, normalize: bool, fed_max_norm: float) -> float:
@@ -107,7 +125,7 @@ def _maybe_kill_worker_once():
 
 
 class _PairStatisticsFn(beam.DoFn):
-    """Transformed record batch -> VECTORS table, EXAMPLES table, PARTIAL summary, LABEL_SET, NORMS.
+    """Transformed box record batch -> VECTORS table, EXAMPLES table, PARTIAL summary, LABEL_SET, NORMS.
 
     One compiled TF call per batch (built once per worker in setup) computes the loss graph's
     statistics and the per-batch histograms of positive/negative pair distances.
@@ -144,22 +162,22 @@ class _PairStatisticsFn(beam.DoFn):
 
     def process(self, batch: pa.RecordBatch):
         _maybe_kill_worker_once()
-        grid = self._grid
-        n = batch.num_rows
-        if n == 0:
+        if batch.num_rows == 0:
             return
-        ids = [value.decode("utf-8") for value in _column(batch, pp.OUT_EXAMPLE_ID)]
-        labels = _column(batch, pp.OUT_LABELS).astype(np.int64).reshape(n, grid.boxes)
-        fed = _column(batch, pp.OUT_EMBEDDING).astype(np.float32, copy=False).reshape(n, grid.boxes, grid.dim)
+        labels = _column(batch, pp.OUT_LABEL).astype(np.int64)  # [rows]
+        valid = labels >= 0
+        sets = BoxSets.from_rows(_column(batch, contract.BOX_SET), valid)
+        n = len(sets.starts)
+        ids = [value.decode("utf-8") for value in _column(batch, contract.BOX_EXAMPLE_ID)[sets.starts]]
+        fed = _column(batch, pp.OUT_EMBEDDING).astype(np.float32, copy=False).reshape(batch.num_rows, -1)
         fed_max_norm = float(_column(batch, pp.OUT_FED_MAX_NORM)[0])
         upper_edge = histogram_range(self._distance, self._normalize, fed_max_norm)
 
-        stats, pos_hist, neg_hist = self._loss_graph(fed, labels, upper_edge)
+        stats, pos_hist, neg_hist = self._loss_graph(sets, fed, labels, upper_edge)
 
         yield beam.pvalue.TaggedOutput(EXAMPLES, self._examples_table(ids, stats))
-        valid = labels >= 0
-        yield beam.pvalue.TaggedOutput(VECTORS, self._vectors_table(batch, ids, labels, fed, valid))
-        l2 = _column(batch, pp.OUT_L2).reshape(n, grid.boxes)[valid].astype(np.float64)
+        yield beam.pvalue.TaggedOutput(VECTORS, self._vectors_table(batch, valid))
+        l2 = _column(batch, pp.OUT_L2)[valid].astype(np.float64)
         yield beam.pvalue.TaggedOutput(NORMS, l2.tolist())
         yield beam.pvalue.TaggedOutput(LABEL_SET, np.unique(labels[valid]).tolist())
         yield beam.pvalue.TaggedOutput(FED_MAX, fed_max_norm)
@@ -175,26 +193,28 @@ class _PairStatisticsFn(beam.DoFn):
             print(f"EmbeddingStats: {self._done} examples done on this worker ({rate:.1f} examples/s)",
                   file=sys.stderr, flush=True)
 
-    def _loss_graph(self, fed, labels, upper_edge):
-        """Statistics [n] per name and pos/neg histograms [bins] of one batch, in calls of bounded size.
+    def _loss_graph(self, sets: BoxSets, fed, labels, upper_edge):
+        """Statistics [examples] per name and pos/neg histograms [bins] of one batch, in calls of bounded size.
 
-        Examples are grouped by their padded set size (`padded_set_size`, valid boxes first), one
-        compiled call per group, cut into chunks of at most MAX_PAIR_CELLS_PER_CALL pair cells
-        (chunk * m * m) so the graph's O(boxes^2) intermediates stay bounded whatever --batch-size is.
+        Examples are grouped by their padded set size (`padded_set_size`), one compiled call per
+        group, cut into chunks of at most MAX_PAIR_CELLS_PER_CALL pair cells (chunk * m * m) so
+        the graph's O(boxes^2) intermediates stay bounded whatever --batch-size is.
+        fed [rows, dim] and labels [rows] are the batch's box rows.
         """
-        sizes = np.array([padded_set_size(c) for c in (labels >= 0).sum(axis=1)])
+        n = len(sets.starts)
+        sizes = np.array([padded_set_size(c) for c in sets.valid_counts])
         stats, pos_hist, neg_hist = None, 0, 0
         for m in np.unique(sizes):
             members = np.flatnonzero(sizes == m)
-            compact, compact_labels = _compact(fed[members], labels[members], int(m))
             chunk = max(1, MAX_PAIR_CELLS_PER_CALL // int(m * m))
             for first in range(0, len(members), chunk):
-                part, pos, neg = self._statistics(
-                    compact[first:first + chunk], compact_labels[first:first + chunk], np.float32(upper_edge))
+                part_members = members[first:first + chunk]
+                padded, padded_labels = sets.padded(fed, labels, part_members, int(m))
+                part, pos, neg = self._statistics(padded, padded_labels, np.float32(upper_edge))
                 if stats is None:
-                    stats = {name: np.zeros(len(labels), value.dtype.as_numpy_dtype) for name, value in part.items()}
+                    stats = {name: np.zeros(n, value.dtype.as_numpy_dtype) for name, value in part.items()}
                 for name, value in part.items():
-                    stats[name][members[first:first + chunk]] = value.numpy()
+                    stats[name][part_members] = value.numpy()
                 pos_hist = pos_hist + pos.numpy()
                 neg_hist = neg_hist + neg.numpy()
         return stats, pos_hist, neg_hist
@@ -211,25 +231,25 @@ class _PairStatisticsFn(beam.DoFn):
                 arrays.append(pa.array(values.astype(np.float32), pa.float32(), mask=undefined))
         return pa.Table.from_arrays(arrays, schema=contract.EXAMPLES_SCHEMA)
 
-    def _vectors_table(self, batch, ids, labels, fed, valid) -> pa.Table:
-        grid = self._grid
-        n = len(ids)
-        example_index, box = np.nonzero(valid)
-        level, row, col, anchor = grid.box_position(box)
-        embedding = fed[example_index, box].reshape(-1)
-        offsets = pa.array(np.arange(len(box) + 1, dtype=np.int32) * grid.dim, pa.int32())
+    def _vectors_table(self, batch, valid) -> pa.Table:
+        """The valid box rows of a transformed batch as a VECTORS table."""
+        rows = batch.filter(pa.array(valid))
+        level, row, col, anchor = self._grid.box_position(_column(rows, contract.BOX_INDEX))
 
         def per_box(name, dtype):
-            return pa.array(_column(batch, name).reshape(n, grid.boxes)[valid].astype(dtype), pa.from_numpy_dtype(dtype))
+            return pa.array(_column(rows, name).astype(dtype, copy=False), pa.from_numpy_dtype(dtype))
 
+        embedding = rows.column(pp.OUT_EMBEDDING)
         arrays = [
-            pa.array(np.asarray(ids, dtype=object)[example_index], pa.string()),
+            rows.column(contract.BOX_EXAMPLE_ID).flatten().cast(pa.string()),
             pa.array(level.astype(np.int32)), pa.array(row.astype(np.int32)),
             pa.array(col.astype(np.int32)), pa.array(anchor.astype(np.int32)),
-            pa.array(labels[valid].astype(np.int64)),
+            per_box(pp.OUT_LABEL, np.int64),
             per_box(pp.OUT_L2, np.float32), per_box(pp.OUT_L1, np.float32), per_box(pp.OUT_MAX_ABS, np.float32),
             per_box(pp.OUT_L2_Z, np.float32), per_box(pp.OUT_BUCKET, np.int64),
-            pa.ListArray.from_arrays(offsets, pa.array(embedding, pa.float32())),
+            pa.ListArray.from_arrays(
+                pa.array(np.arange(len(rows) + 1, dtype=np.int32) * self._grid.dim, pa.int32()),
+                embedding.flatten().cast(pa.float32())),
         ]
         return pa.Table.from_arrays(arrays, schema=contract.VECTORS_SCHEMA)
 
@@ -259,7 +279,7 @@ def partial_summary(stats, l2, pos_hist, neg_hist) -> dict:
 
 
 class PairStatistics(beam.PTransform):
-    """Transformed record batches -> tagged VECTORS / EXAMPLES tables, PARTIAL summaries, LABEL_SET, NORMS."""
+    """Transformed box record batches -> tagged VECTORS / EXAMPLES tables, PARTIAL summaries, LABEL_SET, NORMS."""
 
     def __init__(self, grid, *, margin, distance, normalize, bins):
         super().__init__()

@@ -1,7 +1,7 @@
 """Validate stage: raw records -> Arrow record batches of the good records, dead letters with a reason.
 
 Decoded in batches into the Arrow record batches TFXIO's TFExampleRecord produces and checked
-with numpy on the Arrow buffers, so each record is decoded once per pass. A batch whose records
+with numpy on the Arrow buffers, so each record is decoded once. A batch whose records
 all have the grid's shape is parsed by `tf.io.parse_example` (C++ fast path, ~8x faster than
 tfx-bsl's decoder on these records: bench/README_stats.md) into the same Arrow layout; any other
 batch goes through tfx-bsl's Example decoder (the one inside TFXIO), which isolates bad records.
@@ -28,9 +28,8 @@ class _ValidateFn(beam.DoFn):
     tf.Transform consumes them through TFXIO's TensorAdapterConfig (one decode per record).
     """
 
-    def __init__(self, grid: contract.GridSpec, emit: bool):
+    def __init__(self, grid: contract.GridSpec):
         self._grid = grid
-        self._emit = emit  # only one of the two reading branches reports
 
     def setup(self):
         self._new_decoder()
@@ -165,29 +164,27 @@ class _ValidateFn(beam.DoFn):
                 if reason is not None:
                     rejected[i] = (reason, detail, example_id)
         for i, (source_file, raw) in enumerate(batch):
-            if i in rejected and self._emit:
+            if i in rejected:
                 reason, detail, example_id = rejected[i]
                 self._rejected[reason].inc()
                 yield beam.pvalue.TaggedOutput(DEAD, dead_letter(source_file, reason, detail, example_id, raw))
         good_rows = [row for row, i in enumerate(kept) if i not in rejected]
         if good_rows:
             yield decoded if len(good_rows) == decoded.num_rows else decoded.take(pa.array(good_rows))
-        if self._emit:
-            self._read.inc(len(batch))
-            self._good.inc(len(batch) - len(rejected))
+        self._read.inc(len(batch))
+        self._good.inc(len(batch) - len(rejected))
 
 
 class ValidateRecords(beam.PTransform):
-    """(source_file, raw) -> tagged outputs: main record batches of good records, DEAD rejected rows (when `emit`)."""
+    """(source_file, raw) -> tagged outputs: main record batches of good records, DEAD rejected rows."""
 
-    def __init__(self, grid: contract.GridSpec, emit: bool = True):
+    def __init__(self, grid: contract.GridSpec):
         super().__init__()
         self._grid = grid
-        self._emit = emit
 
     def expand(self, records):
         return (
             records
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=VALIDATE_MAX_BATCH)
-            | "Validate" >> beam.ParDo(_ValidateFn(self._grid, self._emit)).with_outputs(DEAD, main="good")
+            | "Validate" >> beam.ParDo(_ValidateFn(self._grid)).with_outputs(DEAD, main="good")
         )

@@ -12,6 +12,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
+from components.embedding_stats.common import in_global_window
 from schemas import contract
 
 TABLE_BATCH_ROWS = 4096  # rows gathered into one Parquet row group for small tables
@@ -90,14 +91,10 @@ class _WriteBundleTablesFn(beam.DoFn):
         self._writer.write_table(table)
 
     def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindow
-        from apache_beam.utils.timestamp import MIN_TIMESTAMP
-        from apache_beam.utils.windowed_value import WindowedValue
-
         if self._writer is not None:
             self._writer.close()
             self._stream.close()
-            yield WindowedValue(self._path, MIN_TIMESTAMP, [GlobalWindow()])
+            yield in_global_window(self._path)
 
 
 def _commit_staged(paths, directory: str, staging_dir: str, schema: pa.Schema) -> int:

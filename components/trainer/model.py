@@ -18,8 +18,7 @@ from schemas import contract
 
 # Glorot-uniform initialisation: U(-limit, limit), limit = sqrt(GLOROT_SCALE / (fan_in + fan_out)).
 GLOROT_SCALE = 6.0
-SERVING_LABEL = 0  # label given to every box at serving time, so the transform graph keeps all boxes
-SERVING_EXAMPLE_ID = b"serving"
+SERVING_LABEL = 0  # label fed with every box at serving (an input of the transform graph; only its analyzers use it)
 
 
 class ProjectionHead(tf.Module):
@@ -86,50 +85,40 @@ def training_loss(embeddings, labels, *, mining: str, margin: float, distance: s
 class ServingModule(tf.Module):
     """Raw embeddings -> EmbeddingStats transform graph -> head; exported as a SavedModel.
 
-    `serve_grids`: [batch, L, H, W, A, dim] raw grids -> {"embeddings": [batch, L, H, W, A, out]}:
-    the transform graph's `embedding` output (centered with --center, L2-normalized) -> head.
-    `serving_default`: [boxes, dim] raw boxes, any count -> {"embeddings": [boxes, out]}. The
-    boxes are padded with zero vectors to whole grids, run through the same transform graph
-    (its transform is per box, given constants computed over the dataset, such as the
-    centering mean), and the padding is cut off again. Every box is treated as valid (label 0).
+    `serving_default`: [boxes, dim] raw boxes, any count -> {"embeddings": [boxes, out]}: the
+    transform graph's `embedding` output (centered with --center, L2-normalized) -> head. The
+    transform graph works per box (schemas/box_schema.pbtxt), given constants computed over
+    the dataset such as the centering mean; every box is treated as valid (label 0).
+    `serve_grids`: [batch, L, H, W, A, dim] raw grids -> {"embeddings": [batch, L, H, W, A, out]},
+    the same per box.
     """
 
     def __init__(self, head: ProjectionHead, tft_output, grid: contract.GridSpec):
         super().__init__(name="tripletflow_trainer")
         self.head = head
         self.grid_shape = list(grid.grid_shape)
-        self.boxes_per_grid = grid.boxes
         self.dim = grid.dim
         from components.embedding_stats import preprocessing  # imports tensorflow_transform: export only
 
-        self.transformed_key = preprocessing.OUT_EMBEDDING  # [batch, boxes, dim]
+        self.transformed_key = preprocessing.OUT_EMBEDDING  # [boxes, dim]
         self.tft_layer = tft_output.transform_features_layer()
+        self.serve_boxes = tf.function(self._serve_boxes, input_signature=[tf.TensorSpec([None, grid.dim], tf.float32)])
         self.serve_grids = tf.function(
             self._serve_grids, input_signature=[tf.TensorSpec([None, *grid.grid_shape, grid.dim], tf.float32)]
         )
-        self.serve_boxes = tf.function(self._serve_boxes, input_signature=[tf.TensorSpec([None, grid.dim], tf.float32)])
-
-    def _transform(self, grids):
-        batch = tf.shape(grids)[0]
-        features = {
-            contract.EXAMPLE_ID: tf.fill([batch, 1], tf.constant(SERVING_EXAMPLE_ID)),
-            contract.EMBEDDINGS: grids,
-            contract.LABELS: tf.fill(tf.concat([[batch], self.grid_shape], 0), tf.constant(SERVING_LABEL, tf.int64)),
-        }
-        return tf.cast(self.tft_layer(features)[self.transformed_key], tf.float32)
-
-    def _serve_grids(self, grids):
-        out = self.head(self._transform(grids))  # [batch, boxes, out]
-        shape = tf.concat([tf.shape(grids)[:1], self.grid_shape, [self.head.output_dim]], 0)
-        return {"embeddings": tf.reshape(out, shape)}
 
     def _serve_boxes(self, boxes):
-        n = tf.shape(boxes)[0]
-        n_grids = tf.maximum((n + self.boxes_per_grid - 1) // self.boxes_per_grid, 1)
-        padded = tf.pad(boxes, [[0, n_grids * self.boxes_per_grid - n], [0, 0]])
-        grids = tf.reshape(padded, tf.concat([[n_grids], self.grid_shape, [self.dim]], 0))
-        out = self._serve_grids(grids)["embeddings"]
-        return {"embeddings": tf.reshape(out, [-1, self.head.output_dim])[:n]}
+        features = {
+            contract.BOX_EMBEDDING: boxes,
+            contract.BOX_LABEL: tf.fill(tf.shape(boxes)[:1], tf.constant(SERVING_LABEL, tf.int64)),
+        }
+        fed = tf.cast(self.tft_layer(features)[self.transformed_key], tf.float32)  # [boxes, dim]
+        return {"embeddings": self.head(fed)}
+
+    def _serve_grids(self, grids):
+        out = self._serve_boxes(tf.reshape(grids, [-1, self.dim]))["embeddings"]  # [batch * boxes, out]
+        shape = tf.concat([tf.shape(grids)[:1], self.grid_shape, [self.head.output_dim]], 0)
+        return {"embeddings": tf.reshape(out, shape)}
 
     def save(self, path: str):
         tf.saved_model.save(
