@@ -73,6 +73,42 @@ def test_counts_add_up(stats_run, sample_input):
     assert manifest["counts"]["records_in"] == manifest["counts"]["records_good"] + manifest["counts"]["records_rejected"]
     assert sorted(manifest["input_files"]) == sample_input.files
     assert manifest["start_time"] <= manifest["end_time"]
+    # Only the declared outputs are published: no scratch (tf.Transform temp, box cache) left behind.
+    assert sorted(os.listdir(stats_run.output_dir)) == sorted([
+        *contract.TABLE_SCHEMAS, contract.TRANSFORM_GRAPH_DIR, contract.SUMMARY_FILE, contract.MANIFEST_FILE])
+
+
+def _grid_batch(ids, embeddings, labels):
+    """A grid record batch in TFXIO's layout of the input schema (one list per feature per record)."""
+    import pyarrow as pa
+
+    return pa.RecordBatch.from_pydict({
+        contract.EXAMPLE_ID: pa.array([[i.encode()] for i in ids], pa.large_list(pa.large_binary())),
+        contract.EMBEDDINGS: pa.array([e.reshape(-1).tolist() for e in embeddings], pa.large_list(pa.float32())),
+        contract.LABELS: pa.array([l.tolist() for l in labels], pa.large_list(pa.int64())),
+    })
+
+
+def test_box_batches_hold_the_valid_boxes_and_one_placeholder_per_empty_example(monkeypatch):
+    from components.embedding_stats import boxes
+
+    grid = contract.GridSpec(1, 2, 2, 1, dim=3)  # 4 boxes
+    emb = np.arange(3 * 4 * 3, dtype=np.float32).reshape(3, 4, 3)
+    emb[1, 2] = np.nan  # NaN in an empty box is allowed
+    labels = np.array([[-1, 5, -1, 7], [-1, -1, -1, -1], [2, 2, 2, -1]])
+    batch = next(boxes.to_box_batches(_grid_batch(["a", "b", "c"], emb, labels), grid))
+    assert batch.schema.equals(contract.BOX_ARROW_SCHEMA)
+    rows = {name: batch.column(name).flatten().to_pylist() for name in contract.BOX_ARROW_SCHEMA.names}
+    assert rows[contract.BOX_EXAMPLE_ID] == [b"a", b"a", b"b", b"c", b"c", b"c"]
+    assert rows[contract.BOX_SET] == [0, 0, 1, 2, 2, 2]
+    assert rows[contract.BOX_INDEX] == [1, 3, 0, 0, 1, 2]
+    assert rows[contract.BOX_LABEL] == [5, 7, contract.EMPTY_LABEL, 2, 2, 2]
+    want = np.stack([emb[0, 1], emb[0, 3], np.zeros(3), emb[2, 0], emb[2, 1], emb[2, 2]])
+    np.testing.assert_array_equal(np.reshape(rows[contract.BOX_EMBEDDING], (6, 3)), want)
+
+    monkeypatch.setattr(boxes, "MAX_BOX_BATCH_BYTES", 1)  # cut after every example, never inside one
+    cut = list(boxes.to_box_batches(_grid_batch(["a", "b", "c"], emb, labels), grid))
+    assert [b.column(contract.BOX_EXAMPLE_ID).flatten().to_pylist() for b in cut] == [[b"a", b"a"], [b"b"], [b"c"] * 3]
 
 
 def test_vectors_norms_and_z_scores_equal_numpy(stats_run, reference_input):

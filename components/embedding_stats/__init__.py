@@ -1,8 +1,8 @@
 """EmbeddingStats: TFRecord grids -> norms, normalized vectors, triplet statistics (Parquet).
 
 spec.py (inputs, outputs, parameters), options.py (flags), executor.py (run, manifest, atomic
-publish); one module per pipeline stage, in order: read.py -> validate.py -> boxes.py (grids ->
-one row per valid box) -> norms.py (tf.Transform, graph in preprocessing.py) -> cache.py ->
+publish); one module per pipeline stage, in order: read.py -> validate.py (with boxes.py: grids
+-> one row per valid box) -> norms.py (tf.Transform, graph in preprocessing.py) -> cache.py ->
 statistics.py -> summary.py -> write.py; common.py holds what they share.
 
 Memory stays bounded on every runner: big payloads (records, boxes, vectors) only flow through

@@ -1,4 +1,4 @@
-"""Boxes stage: good grid record batches -> box record batches (one row per valid box).
+"""Good grid record batches -> box record batches (one row per valid box), for the validate stage.
 
 Everything after validation works on the boxes that hold an object: sparse detection grids
 (~5% of boxes labelled) cost their valid boxes, not the grid. An example without valid boxes
@@ -8,7 +8,6 @@ Layout: contract.BOX_ARROW_SCHEMA; the rows of one example are adjacent, in grid
 
 from __future__ import annotations
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
@@ -61,24 +60,9 @@ def to_box_batch(grids: pa.RecordBatch, grid: contract.GridSpec) -> pa.RecordBat
                                       schema=contract.BOX_ARROW_SCHEMA)
 
 
-class _ToBoxesFn(beam.DoFn):
-    def __init__(self, grid: contract.GridSpec):
-        self._grid = grid
-
-    def process(self, grids: pa.RecordBatch):
-        # Cut between examples so that no box batch nears tf.Transform's slicing threshold.
-        per_example = self._grid.embeddings_length * np.dtype(np.float32).itemsize
-        step = max(1, MAX_BOX_BATCH_BYTES // per_example)
-        for first in range(0, grids.num_rows, step):
-            yield to_box_batch(grids.slice(first, step), self._grid)
-
-
-class ToBoxes(beam.PTransform):
-    """Good grid record batches -> box record batches (contract.BOX_ARROW_SCHEMA)."""
-
-    def __init__(self, grid: contract.GridSpec):
-        super().__init__()
-        self._grid = grid
-
-    def expand(self, grids):
-        return grids | "ToBoxes" >> beam.ParDo(_ToBoxesFn(self._grid))
+def to_box_batches(grids: pa.RecordBatch, grid: contract.GridSpec):
+    """Box record batches of `grids`, cut between examples so none nears tf.Transform's slicing threshold."""
+    per_example = grid.embeddings_length * np.dtype(np.float32).itemsize
+    step = max(1, MAX_BOX_BATCH_BYTES // per_example)
+    for first in range(0, grids.num_rows, step):
+        yield to_box_batch(grids.slice(first, step), grid)

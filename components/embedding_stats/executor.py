@@ -21,7 +21,6 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from components.embedding_stats.boxes import ToBoxes
 from components.embedding_stats.cache import CacheBatches, ReplayCache, delete_cache
 from components.embedding_stats.common import DEAD
 from components.embedding_stats.norms import AnalyzeNorms, TransformNorms
@@ -129,7 +128,7 @@ def build_pipeline(p: beam.Pipeline, options, *, output_dir: str | None = None, 
     # transform and everything downstream (streaming: memory does not grow with the input).
     read = p | "ReadRecords" >> ReadRecords(files)
     validated = read.records | "ValidateRecords" >> ValidateRecords(grid)
-    boxes = validated.good | "ToBoxes" >> ToBoxes(grid)
+    boxes = validated.good  # box record batches: the valid boxes of the good records
     transform_fn = boxes | "AnalyzeNorms" >> AnalyzeNorms(
         grid, normalize=opts.normalize, center=opts.center, norm_buckets=opts.norm_buckets,
         batch_size=opts.batch_size, temp_dir=temp_dir,

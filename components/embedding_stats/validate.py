@@ -1,10 +1,12 @@
-"""Validate stage: raw records -> Arrow record batches of the good records, dead letters with a reason.
+"""Validate stage: raw records -> box record batches of the good records, dead letters with a reason.
 
 Decoded in batches into the Arrow record batches TFXIO's TFExampleRecord produces and checked
 with numpy on the Arrow buffers, so each record is decoded once. A batch whose records
 all have the grid's shape is parsed by `tf.io.parse_example` (C++ fast path, ~8x faster than
 tfx-bsl's decoder on these records: bench/README_stats.md) into the same Arrow layout; any other
 batch goes through tfx-bsl's Example decoder (the one inside TFXIO), which isolates bad records.
+Good records leave as their valid boxes (boxes.py) in the same step: the decoded grids (every
+box of every record) never become a PCollection that a runner would encode or sample.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 
+from components.embedding_stats.boxes import to_box_batches
 from components.embedding_stats.common import DEAD, METRICS_NAMESPACE, dead_letter
 from schemas import contract
 
@@ -170,13 +173,14 @@ class _ValidateFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(DEAD, dead_letter(source_file, reason, detail, example_id, raw))
         good_rows = [row for row, i in enumerate(kept) if i not in rejected]
         if good_rows:
-            yield decoded if len(good_rows) == decoded.num_rows else decoded.take(pa.array(good_rows))
+            good = decoded if len(good_rows) == decoded.num_rows else decoded.take(pa.array(good_rows))
+            yield from to_box_batches(good, self._grid)
         self._read.inc(len(batch))
         self._good.inc(len(batch) - len(rejected))
 
 
 class ValidateRecords(beam.PTransform):
-    """(source_file, raw) -> tagged outputs: main record batches of good records, DEAD rejected rows."""
+    """(source_file, raw) -> tagged outputs: main box record batches of good records, DEAD rejected rows."""
 
     def __init__(self, grid: contract.GridSpec):
         super().__init__()
