@@ -262,33 +262,40 @@ EXAMPLES_DIR = "examples"
 DEAD_LETTER_DIR = "dead_letter"
 TRANSFORM_GRAPH_DIR = "transform_graph"
 SUMMARY_FILE = "summary.json"
+SUMMARY_PARQUET_FILE = "summary.parquet"  # summary.json as one row (SUMMARY_SCHEMA)
 MANIFEST_FILE = "MANIFEST.json"  # written last: its presence marks a complete run
 REPORT_FILE = "report.html"
 ALERTS_FILE = "alerts.json"
 
-# Top-level keys of summary.json (see README.md for their meaning and units).
-SUMMARY_KEYS = (
-    "records_read",
-    "records_good",
-    "records_rejected",
-    "rejected_by_reason",
-    "examples",
-    "empty_examples",
-    "valid_boxes",
-    "identities",
-    "pos_pairs",
-    "neg_pairs",
-    "triplets",
-    "active_triplets",
-    "active_triplet_fraction",
-    "mean_batch_all_loss",
-    "mean_batch_hard_loss",
-    "mean_semi_hard_loss",
-    "l2_norm",
-    "histogram",
-    "roc_auc",
-    "roc_auc_error_bound",
-)
+# summary.json, and the same as one row of summary.parquet (for querying many runs together,
+# e.g. every night of a nightly job); see README.md for each key's meaning and units.
+_COUNT = pa.int64()
+_MEAN = pa.float64()  # null where undefined (nothing to average)
+SUMMARY_SCHEMA = pa.schema([
+    pa.field("records_read", _COUNT, nullable=False),
+    pa.field("records_good", _COUNT, nullable=False),
+    pa.field("records_rejected", _COUNT, nullable=False),
+    pa.field("rejected_by_reason", pa.struct([pa.field(r, _COUNT, nullable=False) for r in Reason.ALL]), nullable=False),
+    *[pa.field(name, _COUNT, nullable=False) for name in (
+        "examples", "empty_examples", "valid_boxes", "identities", "pos_pairs", "neg_pairs", "triplets",
+        "active_triplets")],
+    *[pa.field(name, _MEAN) for name in (
+        "active_triplet_fraction", "mean_batch_all_loss", "mean_batch_hard_loss", "mean_semi_hard_loss")],
+    pa.field("l2_norm", pa.struct([
+        pa.field("count", _COUNT, nullable=False),
+        *[pa.field(name, _MEAN) for name in ("mean", "std", "min", "max")],
+        pa.field("quantiles", pa.map_(pa.string(), pa.float64()), nullable=False),  # "p01".."p99"
+    ]), nullable=False),
+    pa.field("histogram", pa.struct([
+        pa.field("distance", pa.string(), nullable=False),
+        pa.field("bin_edges", pa.list_(pa.float64()), nullable=False),
+        pa.field("positive", pa.list_(_COUNT), nullable=False),
+        pa.field("negative", pa.list_(_COUNT), nullable=False),
+    ]), nullable=False),
+    pa.field("roc_auc", _MEAN),
+    pa.field("roc_auc_error_bound", _MEAN),
+])
+SUMMARY_KEYS = tuple(SUMMARY_SCHEMA.names)  # top-level keys of summary.json, in order
 
 # Top-level keys of MANIFEST.json.
 MANIFEST_KEYS = (

@@ -75,7 +75,8 @@ def test_counts_add_up(stats_run, sample_input):
     assert manifest["start_time"] <= manifest["end_time"]
     # Only the declared outputs are published: no scratch (tf.Transform temp, box cache) left behind.
     assert sorted(os.listdir(stats_run.output_dir)) == sorted([
-        *contract.TABLE_SCHEMAS, contract.TRANSFORM_GRAPH_DIR, contract.SUMMARY_FILE, contract.MANIFEST_FILE])
+        *contract.TABLE_SCHEMAS, contract.TRANSFORM_GRAPH_DIR, contract.SUMMARY_FILE, contract.SUMMARY_PARQUET_FILE,
+        contract.MANIFEST_FILE])
 
 
 def _grid_batch(ids, embeddings, labels):
@@ -187,6 +188,19 @@ def test_parquet_reads_back_with_declared_schema(stats_run, name):
         assert pq.read_schema(path).remove_metadata().equals(contract.TABLE_SCHEMAS[name])
         frame = pd.read_parquet(path)
         assert list(frame.columns) == contract.TABLE_SCHEMAS[name].names
+
+
+def test_summary_parquet_is_summary_json_as_one_row(stats_run):
+    path = os.path.join(stats_run.output_dir, contract.SUMMARY_PARQUET_FILE)
+    table = pq.read_table(path)
+    assert table.schema.remove_metadata().equals(contract.SUMMARY_SCHEMA) and table.num_rows == 1
+    row = pd.read_parquet(path).iloc[0]
+    summary = json.load(open(os.path.join(stats_run.output_dir, contract.SUMMARY_FILE)))
+    assert row["valid_boxes"] == summary["valid_boxes"] > 0
+    assert row["rejected_by_reason"] == summary["rejected_by_reason"]
+    assert row["roc_auc"] == summary["roc_auc"]
+    assert dict(row["l2_norm"]["quantiles"]) == summary["l2_norm"]["quantiles"]
+    assert list(row["histogram"]["positive"]) == summary["histogram"]["positive"]
 
 
 def test_transform_graph_serves_the_same_preprocessing(stats_run, reference_input):

@@ -18,8 +18,10 @@ OUTPUTS = {
     contract.VECTORS_DIR: "Parquet, contract.VECTORS_SCHEMA: one row per valid box",
     contract.EXAMPLES_DIR: "Parquet, contract.EXAMPLES_SCHEMA: one row per good record",
     contract.DEAD_LETTER_DIR: "Parquet, contract.DEAD_LETTER_SCHEMA: one row per rejected record",
-    contract.TRANSFORM_GRAPH_DIR: "tf.Transform output (transform_fn, transformed_metadata, metadata)",
+    contract.TRANSFORM_GRAPH_DIR: "tf.Transform output (transform_fn, transformed_metadata, metadata); "
+                                  "raw input one box, schemas/box_schema.pbtxt",
     contract.SUMMARY_FILE: "dataset summary, keys contract.SUMMARY_KEYS",
+    contract.SUMMARY_PARQUET_FILE: "the same summary as one Parquet row, contract.SUMMARY_SCHEMA",
     contract.MANIFEST_FILE: "written last; keys contract.MANIFEST_KEYS",
 }
 # parameter -> flag of EmbeddingStatsOptions

@@ -1,4 +1,4 @@
-"""Write stage: vectors/, examples/, dead_letter/ Parquet tables and summary.json under the output dir.
+"""Write stage: vectors/, examples/, dead_letter/ Parquet tables and summary.json (+ .parquet) under the output dir.
 
 The big vectors table is written inside the stage that produces it (one file per bundle);
 the small tables go through Beam's Parquet sink.
@@ -39,7 +39,13 @@ def _concat(tables) -> pa.Table:
     return pa.concat_tables(list(tables))
 
 
-def _write_json(_, path, document):
+def _write_summary(document: dict, directory: str) -> str:
+    """summary.json, and the same as the one row of summary.parquet (contract.SUMMARY_SCHEMA)."""
+    import pyarrow.parquet as pq
+
+    with FileSystems.create(FileSystems.join(directory, contract.SUMMARY_PARQUET_FILE)) as f:
+        pq.write_table(pa.Table.from_pylist([document], schema=contract.SUMMARY_SCHEMA), f, compression=PARQUET_CODEC)
+    path = FileSystems.join(directory, contract.SUMMARY_FILE)
     with FileSystems.create(path) as f:
         f.write(json.dumps(document, indent=2, sort_keys=False).encode("utf-8"))
     return path
@@ -136,7 +142,7 @@ class WriteTableFused(beam.PTransform):
 
 
 class WriteOutputs(beam.PTransform):
-    """Writes vectors/, examples/, dead_letter/ Parquet and summary.json under `output_dir`."""
+    """Writes vectors/, examples/, dead_letter/ Parquet and summary.json / summary.parquet under `output_dir`."""
 
     def __init__(self, output_dir: str):
         super().__init__()
@@ -151,5 +157,4 @@ class WriteOutputs(beam.PTransform):
                        | "DeadTable" >> beam.Map(_rows_to_table))
         _ = dead_tables | "WriteDeadLetter" >> WriteTable(
             FileSystems.join(out, contract.DEAD_LETTER_DIR), contract.DEAD_LETTER_SCHEMA, False)
-        return summary | "WriteSummary" >> beam.Map(
-            lambda document: _write_json(None, FileSystems.join(out, contract.SUMMARY_FILE), document))
+        return summary | "WriteSummary" >> beam.Map(_write_summary, out)
