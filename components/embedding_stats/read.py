@@ -2,6 +2,9 @@
 
 Each file is read with tf.data (compression chosen by the file's content, not its name), so
 a framing error is caught per file: the records before it are kept, the rest is reported.
+TFXIO's TFExampleRecord source would choose compression by file extension and fail the whole
+job on one broken frame; the records read here are decoded by tfx-bsl into exactly TFXIO's
+Arrow record batches (validate.py) and reach tf.Transform through a TFXIO TensorAdapterConfig.
 """
 
 from __future__ import annotations
