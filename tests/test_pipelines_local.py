@@ -168,3 +168,15 @@ def test_nightly_retries_a_run_whose_worker_died_and_publishes_exact_outputs(sta
     assert "2024-05-01 attempt 2/2" in out  # the first attempt failed and was retried whole
     assert_same_outputs(tmp_path / "out" / "date=2024-05-01", stats_run.output_dir)
     assert leftovers(tmp_path / "out") == []
+
+
+def test_the_cli_caps_malloc_arenas_for_itself_and_its_workers(monkeypatch):
+    from pipelines import cli
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "")  # recorded, so the teardown restores the real environment
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    cli.bound_malloc_arenas()
+    assert os.environ["MALLOC_ARENA_MAX"] == str(max(2, os.cpu_count()))  # inherited by worker processes
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "7")
+    cli.bound_malloc_arenas()
+    assert os.environ["MALLOC_ARENA_MAX"] == "7"  # the user's setting wins
