@@ -265,6 +265,18 @@ def test_runs_preprocessed_differently_are_refused(digits_run, tmp_path):
     assert not (tmp_path / "out").exists()  # refused before the output was touched
 
 
+def test_a_run_with_a_whole_grid_transform_graph_is_refused_before_training(digits_run, tmp_path):
+    stats, _ = digits_run
+    old = tmp_path / "old"
+    shutil.copytree(stats, old)
+    # The raw schema an older tripletflow wrote: the transform graph took whole input grids.
+    shutil.copy(contract.INPUT_SCHEMA_PATH, old / contract.TRANSFORM_GRAPH_DIR / "metadata" / "schema.pbtxt")
+    spec = spec_lib.TrainerSpec((str(old),), str(tmp_path / "out"), spec_lib.TrainOptions(epochs=1))
+    with pytest.raises(ValueError, match="not one box"):
+        Executor(spec, verbose=False).run()
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_trains_and_writes_metrics(digits_run, tmp_path, capsys):
     stats, _ = digits_run
     argv = ["train", "--stats", stats, "--output", str(tmp_path), "--epochs", "1", "--hidden", "16", "--no-export",

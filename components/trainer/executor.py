@@ -56,6 +56,24 @@ def run_grid(stats_dirs, dim: int) -> contract.GridSpec | None:
     return contract.GridSpec(*grids.pop(), dim=dim)
 
 
+def check_transform_graph(stats_dir: str, grid: contract.GridSpec) -> None:
+    """ValueError unless the run's transform graph takes one box (schemas/box_schema.pbtxt), as serving feeds it.
+
+    Runs written before the per-box graph have a whole-grid graph: refused before training, not at export.
+    """
+    import tensorflow_transform as tft
+
+    path = os.path.join(stats_dir, contract.TRANSFORM_GRAPH_DIR)
+    try:
+        found = tft.TFTransformOutput(path).raw_feature_spec()
+    except (OSError, ValueError, tf.errors.OpError) as error:  # absent or unreadable metadata
+        raise ValueError(f"--stats {stats_dir}: no readable transform graph in {path}: {error}") from None
+    want = {feature.name for feature in contract.box_schema(grid).feature}
+    if set(found) != want:
+        raise ValueError(f"--stats {stats_dir}: its transform graph takes {sorted(found)}, not one box {sorted(want)} "
+                         f"(written by an older tripletflow?); re-run `tripletflow run` on its input to export a model")
+
+
 def _check_resume(spec: spec_lib.TrainerSpec) -> None:
     """Refuses to resume a run in `output_dir` that used other options or inputs."""
     path = os.path.join(spec.output_dir, spec_lib.OPTIONS_FILE)
@@ -118,6 +136,8 @@ class Executor:
         grid = run_grid(spec.stats_dirs, dim)
         if o.export and grid is None:
             raise ValueError("the runs' MANIFEST.json options give no grid: cannot export a serving model")
+        if o.export:
+            check_transform_graph(spec.stats_dirs[0], grid)
         counts = self.count_sets()
         if counts[data.TRAIN] == 0 or counts[data.VALIDATION] == 0:
             raise ValueError(f"empty split {counts}: add data or change --validation-fraction")
