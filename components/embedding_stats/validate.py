@@ -24,11 +24,11 @@ VALIDATE_MAX_BATCH = 64  # records decoded and validated together
 
 
 class _ValidateFn(beam.DoFn):
-    """[(source_file, raw)] -> Arrow record batch of the good records; DEAD: rows with their reason.
+    """[(source_file, raw)] -> box record batches of the good records; DEAD: rows with their reason.
 
-    Decoding is tfx-bsl's Example decoder with the input schema: the very decoder TFXIO's
-    TFExampleRecord runs, so the record batches are exactly what TFXIO would produce and
-    tf.Transform consumes them through TFXIO's TensorAdapterConfig (one decode per record).
+    Records decode into exactly the Arrow record batches TFXIO's TFExampleRecord produces
+    (tfx-bsl's Example decoder with the input schema, or parse_example laid out the same);
+    the good ones leave as their valid boxes (boxes.to_box_batches).
     """
 
     def __init__(self, grid: contract.GridSpec):
