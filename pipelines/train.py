@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from components import triplet_loss
@@ -33,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", action="store_true", help="float16 compute, float32 weights")
     p.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
     p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="sets held by the shuffle buffer")
-    p.add_argument("--no-export", action="store_true", help="skip the SavedModel (no transform graph needed)")
+    p.add_argument("--no-export", dest="export", action="store_false",
+                   help="skip the SavedModel (no transform graph needed)")
     p.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate an interruption
     return p
 
@@ -41,22 +43,8 @@ def parser() -> argparse.ArgumentParser:
 def run(argv) -> int:
     args = parser().parse_args(argv)
     try:
-        options = spec_lib.TrainOptions(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            mining=args.mining,
-            margin=args.margin,
-            distance=args.distance,
-            learning_rate=args.learning_rate,
-            hidden=args.hidden,
-            seed=args.seed,
-            pair_scope=args.pair_scope,
-            mixed_precision=args.mixed_precision,
-            validation_fraction=args.validation_fraction,
-            shuffle_buffer=args.shuffle_buffer,
-            stop_after_epoch=args.stop_after_epoch,
-            export=not args.no_export,
-        )
+        # Each TrainOptions field has the flag of the same name (dest), so none is listed twice.
+        options = spec_lib.TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec_lib.TrainOptions)})
         spec = spec_lib.TrainerSpec(tuple(args.stats), args.output, options)
     except ValueError as error:
         print(f"tripletflow train: {error}", file=sys.stderr)
