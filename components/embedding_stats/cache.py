@@ -9,51 +9,16 @@ Memory stays bounded (files, not an in-memory PCollection); the files go with th
 
 from __future__ import annotations
 
-import uuid
+import functools
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from components.embedding_stats.common import in_global_window
+from components.embedding_stats.common import WriteBundleFilesFn
 
 CACHE_FILE_BYTES = 64 << 20  # a cache file is closed (and can be replayed in parallel) beyond this
 CACHE_SUFFIX = ".arrow"
-
-
-class _WriteCacheFn(beam.DoFn):
-    """Record batches -> Arrow IPC stream files; emits each file's path once it is closed.
-
-    Paths are emitted only by committed bundles, so a retried bundle's file is never replayed.
-    """
-
-    def __init__(self, directory: str, schema: pa.Schema):
-        self._directory = directory
-        self._schema = schema
-
-    def start_bundle(self):
-        self._path = self._stream = self._writer = None
-        self._bytes = 0
-
-    def process(self, batch: pa.RecordBatch):
-        if self._writer is None:
-            self._path = FileSystems.join(self._directory, f"{uuid.uuid4().hex}{CACHE_SUFFIX}")
-            self._stream = FileSystems.create(self._path)
-            self._writer = pa.ipc.new_stream(self._stream, self._schema)
-        self._writer.write_batch(batch)
-        self._bytes += batch.nbytes
-        if self._bytes >= CACHE_FILE_BYTES:
-            yield self._close()
-
-    def _close(self) -> str:
-        self._writer.close()
-        self._stream.close()
-        path, self._path, self._stream, self._writer, self._bytes = self._path, None, None, None, 0
-        return path
-
-    def finish_bundle(self):
-        if self._writer is not None:
-            yield in_global_window(self._close())
 
 
 def _replay(path: str, *_waited_for):
@@ -70,7 +35,9 @@ class CacheBatches(beam.PTransform):
         self._schema = schema
 
     def expand(self, batches):
-        return batches | "WriteCache" >> beam.ParDo(_WriteCacheFn(self._directory, self._schema))
+        return batches | "WriteCache" >> beam.ParDo(WriteBundleFilesFn(
+            self._directory, CACHE_SUFFIX, functools.partial(pa.ipc.new_stream, schema=self._schema),
+            roll_bytes=CACHE_FILE_BYTES))
 
 
 class ReplayCache(beam.PTransform):

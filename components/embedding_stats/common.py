@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import uuid
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
 METRICS_NAMESPACE = "tripletflow.embedding_stats"
 DEAD = "dead_letter"  # tag of dead-letter outputs
 
@@ -11,10 +17,57 @@ def dead_letter(source_file, reason, detail, example_id=None, raw=None) -> dict:
     return {"source_file": source_file, "reason": reason, "detail": detail, "example_id": example_id, "raw": raw}
 
 
-def in_global_window(value):
+def _in_global_window(value):
     """`value` as a windowed value, for outputs of a DoFn's finish_bundle (batch pipelines: global window)."""
     from apache_beam.transforms.window import GlobalWindow
     from apache_beam.utils.timestamp import MIN_TIMESTAMP
     from apache_beam.utils.windowed_value import WindowedValue
 
     return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
+
+
+class WriteBundleFilesFn(beam.DoFn):
+    """pyarrow tables or record batches -> files under `directory`; emits each file's path once closed.
+
+    One file per bundle, streamed by the pyarrow writer `open_writer(stream)` returns (anything
+    with write() and close(), e.g. a ParquetWriter or an IPC stream writer) on a Beam FileSystems
+    stream; with `roll_bytes`, a new file once that much was written. Paths are emitted only by
+    committed bundles (the runner drops a failed attempt's outputs), so a retried bundle's file
+    is never listed.
+    """
+
+    def __init__(self, directory: str, suffix: str, open_writer, roll_bytes: int | None = None):
+        self._directory = directory
+        self._suffix = suffix
+        self._open_writer = open_writer
+        self._roll_bytes = roll_bytes
+
+    def start_bundle(self):
+        self._path = self._stream = self._writer = None
+        self._bytes = 0
+
+    def process(self, data):
+        if self._writer is None:
+            self._path = FileSystems.join(self._directory, f"{uuid.uuid4().hex}{self._suffix}")
+            self._stream = FileSystems.create(self._path)
+            self._writer = self._open_writer(self._stream)
+        self._writer.write(data)
+        self._bytes += data.nbytes
+        if self._roll_bytes is not None and self._bytes >= self._roll_bytes:
+            yield self._close()
+
+    def _close(self) -> str:
+        self._writer.close()
+        self._stream.close()
+        path, self._path, self._stream, self._writer, self._bytes = self._path, None, None, None, 0
+        return path
+
+    def finish_bundle(self):
+        if self._writer is not None:
+            yield _in_global_window(self._close())
+
+
+def write_json(path: str, document: dict) -> None:
+    """`document` as indented JSON at `path` (any Beam FileSystems path, e.g. gs://)."""
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(document, indent=2).encode("utf-8"))

@@ -22,7 +22,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from components.embedding_stats.cache import CacheBatches, ReplayCache, delete_cache
-from components.embedding_stats.common import DEAD
+from components.embedding_stats.common import DEAD, write_json
 from components.embedding_stats.norms import AnalyzeNorms, TransformNorms
 from components.embedding_stats.read import ReadRecords
 from components.embedding_stats.statistics import EXAMPLES, FED_MAX, LABEL_SET, NORMS, PARTIAL, VECTORS, PairStatistics
@@ -166,11 +166,6 @@ def _read_json(path: str) -> dict:
         return json.loads(f.read().decode("utf-8"))
 
 
-def _write_json(path: str, document: dict) -> None:
-    with FileSystems.create(path) as f:
-        f.write(json.dumps(document, indent=2).encode("utf-8"))
-
-
 def _delete_tree(path: str) -> None:
     if _is_local(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -254,7 +249,7 @@ def execute(options) -> RunResult:
             "end_time": _utc_now(),
         }
         assert tuple(manifest) == contract.MANIFEST_KEYS, "manifest keys drifted from the contract"
-        _write_json(FileSystems.join(temp_dir, contract.MANIFEST_FILE), manifest)  # last file written
+        write_json(FileSystems.join(temp_dir, contract.MANIFEST_FILE), manifest)  # last file written
         publish(temp_dir, output_dir)
     except BaseException:
         _delete_tree(temp_dir)

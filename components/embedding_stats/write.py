@@ -6,13 +6,13 @@ the small tables go through Beam's Parquet sink.
 
 from __future__ import annotations
 
-import json
+import functools
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from components.embedding_stats.common import in_global_window
+from components.embedding_stats.common import WriteBundleFilesFn, write_json
 from schemas import contract
 
 TABLE_BATCH_ROWS = 4096  # rows gathered into one Parquet row group for small tables
@@ -46,8 +46,7 @@ def _write_summary(document: dict, directory: str) -> str:
     with FileSystems.create(FileSystems.join(directory, contract.SUMMARY_PARQUET_FILE)) as f:
         pq.write_table(pa.Table.from_pylist([document], schema=contract.SUMMARY_SCHEMA), f, compression=PARQUET_CODEC)
     path = FileSystems.join(directory, contract.SUMMARY_FILE)
-    with FileSystems.create(path) as f:
-        f.write(json.dumps(document, indent=2, sort_keys=False).encode("utf-8"))
+    write_json(path, document)
     return path
 
 
@@ -71,36 +70,10 @@ class WriteTable(beam.PTransform):
             file_name_suffix=PARQUET_SUFFIX)
 
 
-class _WriteBundleTablesFn(beam.DoFn):
-    """Tables -> one staged Parquet file per bundle (pyarrow writer on a Beam FileSystems stream).
+def _parquet_writer(stream, schema: pa.Schema):
+    import pyarrow.parquet as pq
 
-    Emits the staged path at the end of the bundle. A retried bundle's file is never listed
-    (the runner drops the failed attempt's outputs), so only committed files get published.
-    """
-
-    def __init__(self, staging_dir: str, schema: pa.Schema):
-        self._staging_dir = staging_dir
-        self._schema = schema
-
-    def start_bundle(self):
-        self._path = self._stream = self._writer = None
-
-    def process(self, table: pa.Table):
-        import pyarrow.parquet as pq
-        import uuid
-
-        if self._writer is None:
-            self._path = FileSystems.join(self._staging_dir, f"{uuid.uuid4().hex}{PARQUET_SUFFIX}")
-            self._stream = FileSystems.create(self._path)
-            self._writer = pq.ParquetWriter(self._stream, self._schema, compression=PARQUET_CODEC,
-                                            use_dictionary=dictionary_columns(self._schema))
-        self._writer.write_table(table)
-
-    def finish_bundle(self):
-        if self._writer is not None:
-            self._writer.close()
-            self._stream.close()
-            yield in_global_window(self._path)
+    return pq.ParquetWriter(stream, schema, compression=PARQUET_CODEC, use_dictionary=dictionary_columns(schema))
 
 
 def _commit_staged(paths, directory: str, staging_dir: str, schema: pa.Schema) -> int:
@@ -136,7 +109,8 @@ class WriteTableFused(beam.PTransform):
     def expand(self, tables):
         staging = FileSystems.join(self._directory, ".staging")
         return (tables
-                | "WriteBundles" >> beam.ParDo(_WriteBundleTablesFn(staging, self._schema))
+                | "WriteBundles" >> beam.ParDo(WriteBundleFilesFn(
+                    staging, PARQUET_SUFFIX, functools.partial(_parquet_writer, schema=self._schema)))
                 | "Staged" >> beam.combiners.ToList()
                 | "Commit" >> beam.Map(_commit_staged, self._directory, staging, self._schema))
 
