@@ -3,8 +3,10 @@
 Floor = one plain process that reads and parses the same TFRecords with tf.data
 (`tf.io.parse_example`) and runs the same loss graph (`triplet_statistics`, one compiled
 call per batch, valid boxes gathered first as the pipeline does). Both are measured at two
-sizes in the same run, each in a fresh subprocess (for its peak RSS). Marginal cost per
-example = (time(large) - time(small)) / (large - small); start-up = time(small) - small * marginal.
+sizes in the same run, each in a fresh subprocess (for its peak RSS), --repeats times
+interleaved; the fastest run of each counts (noise on a shared machine only adds time).
+Marginal cost per example = (time(large) - time(small)) / (large - small); start-up =
+time(small) - small * marginal.
 
     .venv/bin/python bench/bench_stats.py            # dense 8,40 and sparse 400,2400 examples
 Targets: pipeline marginal cost <= 2x the floor's; start-up < 10 s; peak memory flat in size.
@@ -32,6 +34,7 @@ SHAPES = {"dense": 0.0, "sparse": 0.95}  # --empty-fraction of each shape
 DEFAULT_SIZES = {"dense": "8,40", "sparse": "400,2400"}
 SHARDS = 4
 BATCH_SIZE = 16
+DEFAULT_REPEATS = 3  # runs of each measurement; the fastest counts (a shared machine's noise only adds time)
 TARGET_MARGINAL_RATIO = 2.0
 TARGET_STARTUP_S = 10.0
 
@@ -97,7 +100,12 @@ def _run_child(*args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(shape: str, sizes, root: str) -> dict:
+def _fastest(runs: list[dict]) -> dict:
+    """The fastest of repeated runs, with the highest peak RSS among them (memory is not flattered)."""
+    return {**min(runs, key=lambda run: run["seconds"]), "peak_rss_mb": max(run["peak_rss_mb"] for run in runs)}
+
+
+def measure(shape: str, sizes, root: str, repeats: int) -> dict:
     from components import sample_data
 
     rows = {}
@@ -106,16 +114,18 @@ def measure(shape: str, sizes, root: str) -> dict:
         sample_data.generate(input_dir, sample_data.SampleOptions(
             examples=size, shards=SHARDS, empty_fraction=SHAPES[shape], seed=size))
         glob_ = os.path.join(input_dir, "*")
-        rows[size] = {
-            "floor": _run_child("--child", "floor", glob_),
-            "pipeline": _run_child("--child", "pipeline", glob_, os.path.join(root, f"{shape}-{size}", "output")),
-        }
+        runs = {"floor": [], "pipeline": []}
+        for _ in range(repeats):  # interleaved, so that a slow spell of the machine hits both alike
+            runs["floor"].append(_run_child("--child", "floor", glob_))
+            runs["pipeline"].append(_run_child("--child", "pipeline", glob_,
+                                               os.path.join(root, f"{shape}-{size}", "output")))
+        rows[size] = {what: _fastest(found) for what, found in runs.items()}
     return rows
 
 
 def report(shape: str, rows: dict) -> None:
     small, large = sorted(rows)
-    print(f"\n## {shape} (grid 2,13,13,5 dim 100, empty fraction {SHAPES[shape]})")
+    print(f"\n## {shape} (grid 2,13,13,5 dim 100, empty fraction {SHAPES[shape]}; fastest of the repeats)")
     print("| what | examples | seconds | examples/s | embeddings/s | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
     for size in (small, large):
@@ -140,6 +150,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", choices=[*SHAPES, "both"], default="both")
     parser.add_argument("--sizes", default=None,
                         help=f"two example counts small,large (default per shape: {DEFAULT_SIZES})")
+    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                        help="runs of each measurement, fastest kept (default %(default)s)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -151,7 +163,7 @@ def main(argv=None) -> int:
         for shape in shapes:
             sizes = sorted(int(s) for s in (args.sizes or DEFAULT_SIZES[shape]).split(","))
             assert len(sizes) == 2 and sizes[0] < sizes[1], "--sizes takes two increasing counts"
-            report(shape, measure(shape, sizes, root))
+            report(shape, measure(shape, sizes, root, args.repeats))
     return 0
 
 
