@@ -31,12 +31,16 @@ distances (``sum k(a,p) d(a,p) - sum c(a,n) d(a,n)``, with integer counts from t
 same sorted rows), which is differentiated elementwise instead; backprop through
 sort + gather would cost twice the forward pass.
 
-Numerics: squared distances come from the Gram matrix, clamped at 0.  Before the
-Gram matrix, inputs are divided by a power of two near their max-abs value
-(exact in floating point, so ties stay ties), and distances are scaled back and
-capped at :data:`DISTANCE_CAP`, so huge finite inputs (1e30) never overflow.  The
-Euclidean root and the normalisation have finite gradients at coincident and
-zero vectors.
+Numerics: distances come from a float64 Gram matrix (products of float32 numbers
+are exact in float64), so ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` cancels at 2**-53, not
+2**-24, of the squared norms, in any summation order a kernel uses; results within
+that rounding bound of 0 are set to 0, so copies of a row are at distance exactly 0
+on every CPU (see :func:`_squared_from_gram`).  Everything else is float32, with
+sums of pairs taken row by row (:func:`_sum_pairs`).  Before the Gram matrix,
+unnormalised inputs are divided by a power of two near their max-abs value (exact,
+so ties stay ties), and distances are scaled back and capped at
+:data:`DISTANCE_CAP`, so huge finite inputs (1e30) never overflow.  The Euclidean
+root and the normalisation have finite gradients at coincident and zero vectors.
 """
 
 from __future__ import annotations
@@ -68,6 +72,10 @@ SQRT_EPS = 1e-12
 DISTANCE_CAP = 2.0**96
 
 _F32_EXPONENT_MASK = 0x7F800000  # IEEE-754 float32 exponent bits
+# Unit roundoff of float64, the precision of the Gram matrices (see _squared_from_gram).
+F64_UNIT_ROUNDOFF = 2.0**-53
+# Roundings after a Gram entry's d-term dot product: the norm sum and the subtraction.
+_GRAM_EXTRA_OPS = 2
 
 
 # --------------------------------------------------------------------------- validation
@@ -170,18 +178,88 @@ def _masked_embeddings(embeddings, valid):
     return tf.where(valid[..., None], embeddings, tf.zeros_like(embeddings))
 
 
-def _squared_from_gram(x):
-    """Squared Euclidean distances of rows of ``x`` ``[b, n, d]`` via the Gram matrix, >= 0.
+def _gram64(x):
+    """Gram matrix ``[b, n, n]`` float64 of rows ``x`` ``[b, n, d]`` float32, and its squared norms ``[b, n]``.
 
-    The squared norms are read off the Gram diagonal, so they are rounded exactly like
-    the cross terms and identical rows come out at distance 0, not ~1e-7.
+    Products of float32 numbers are exact in float64, so every entry is within
+    ``gamma_d * |x_i| |x_j|`` of the exact dot product (``gamma_k = k u / (1 - k u)``,
+    ``u = 2**-53``) whatever order a BLAS kernel sums in.  The squared norms are read
+    off the diagonal, so they are rounded like the cross terms.
     """
-    gram = tf.matmul(x, x, transpose_b=True)
-    sq = tf.linalg.diag_part(gram)
-    d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * gram
-    d2 = tf.maximum(d2, 0.0)
-    n = tf.shape(x)[1]
-    return tf.linalg.set_diag(d2, tf.zeros(tf.stack([tf.shape(x)[0], n]), d2.dtype))
+    x64 = tf.cast(x, tf.float64)
+    gram = tf.matmul(x64, x64, transpose_b=True)
+    return gram, tf.linalg.diag_part(gram)
+
+
+def _gram_rounding(magnitude, terms):
+    """Bound on the float64 rounding error of a Gram-based expression: ``gamma_terms * magnitude``.
+
+    ``terms`` may be a tensor (the vector dimension plus the few operations after the sum).
+    """
+    k = tf.cast(terms, tf.float64) * F64_UNIT_ROUNDOFF
+    return k / (1.0 - k) * magnitude
+
+
+@tf.custom_gradient
+def _squared_from_gram(x):
+    """Squared Euclidean distances ``[b, n, n]`` float32 of rows of ``x`` ``[b, n, d]`` float32, >= 0.
+
+    ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` cancels when the distance is small against the norms:
+    in float32 its error, ``~ d * 2**-24 * (|x_i|^2 + |x_j|^2)``, is what a near-duplicate's
+    squared distance is made of, and its square root turns 1e-6 into 1e-3.  So the Gram
+    matrix is float64 (see :func:`_gram64`): the error of ``d2`` is at most
+    ``gamma_{d+2} * 2 (|x_i|^2 + |x_j|^2)`` in any summation order, and values within that
+    bound are indistinguishable from 0 and set to 0.  Equal rows are therefore at distance
+    exactly 0 on every CPU and kernel, and small distances keep 8 more digits.
+
+    Gradient (float32, written out so no float64 matmul runs backward):
+    ``d d2_ij / d x_i = 2 (x_i - x_j)``.
+    """
+    gram, sq = _gram64(x)
+    sq_sum = sq[:, :, None] + sq[:, None, :]
+    d2 = sq_sum - 2.0 * gram
+    rounding = _gram_rounding(2.0 * sq_sum, tf.shape(x)[-1] + _GRAM_EXTRA_OPS)
+    d2 = tf.cast(tf.where(d2 > rounding, d2, tf.zeros_like(d2)), tf.float32)  # diagonal: exactly 0
+
+    def grad(upstream):
+        w = upstream + tf.linalg.matrix_transpose(upstream)  # d2_ij depends on x_i and x_j
+        return 2.0 * (tf.reduce_sum(w, axis=-1, keepdims=True) * x - tf.matmul(w, x))
+
+    return d2, grad
+
+
+def _cosine_from_gram(unit, long_enough):
+    """Cosine distances ``[b, n, n]`` float32 of the rows of ``unit`` (``l2_normalize`` output), in [0, 2].
+
+    Rows that were normalised (``long_enough`` ``[b, n, 1]``) are renormalised in float64
+    first, removing the float32 normalisation's rounding, so a vector's cosine with an equal
+    vector is 1 up to the float64 Gram rounding, which is set to 0 as in
+    :func:`_squared_from_gram`.  Shorter rows keep ``x / eps`` (the documented convention).
+    Gradient: ``d (1 - u_i.u_j) / d u_i = -u_j``, the renormalisation (1 up to ~1e-7) held fixed.
+    """
+
+    @tf.custom_gradient
+    def cosine(unit):
+        u64 = tf.cast(unit, tf.float64)
+        length = tf.sqrt(tf.reduce_sum(tf.square(u64), axis=-1, keepdims=True))
+        u64 = tf.where(long_enough, u64 / tf.where(long_enough, length, tf.ones_like(length)), u64)
+        gram = tf.matmul(u64, u64, transpose_b=True)
+        d = 1.0 - gram
+        # |1 - u.u| for unit rows: gamma for the dot product, twice that for the two lengths.
+        rounding = _gram_rounding(tf.constant(4.0, tf.float64), tf.shape(unit)[-1] + _GRAM_EXTRA_OPS)
+        d = tf.where(d > rounding, d, tf.zeros_like(d))
+        d = tf.cast(tf.minimum(d, max_distance("cosine")), tf.float32)
+        n = tf.shape(unit)[1]
+        d = tf.linalg.set_diag(d, tf.zeros(tf.stack([tf.shape(unit)[0], n]), d.dtype))
+
+        def grad(upstream):
+            w = upstream + tf.linalg.matrix_transpose(upstream)
+            w = tf.linalg.set_diag(w, tf.zeros(tf.stack([tf.shape(w)[0], n]), w.dtype))  # d_ii is constant 0
+            return -tf.matmul(w, unit)
+
+        return d, grad
+
+    return cosine(unit)
 
 
 def _safe_sqrt(d2):
@@ -193,11 +271,7 @@ def _safe_sqrt(d2):
 def _distances(x, distance, normalize):
     """Distances ``[b, n, n]`` between rows of ``x`` ``[b, n, d]`` (invalid rows already zero)."""
     if distance == "cosine":
-        unit = l2_normalize(x)
-        cos = tf.matmul(unit, unit, transpose_b=True)
-        d = tf.clip_by_value(1.0 - cos, 0.0, max_distance("cosine"))
-        n = tf.shape(x)[1]
-        return tf.linalg.set_diag(d, tf.zeros(tf.stack([tf.shape(x)[0], n]), d.dtype))
+        return _cosine_from_gram(l2_normalize(x), _scaled_norm(x) >= NORM_EPS)
     if normalize:
         d2 = _squared_from_gram(l2_normalize(x))
         d = _safe_sqrt(d2) if distance == "euclidean" else d2
@@ -313,6 +387,15 @@ def _row_counts(index, weight, depth):
     return tf.reshape(counts, tf.stack([shape[0], shape[1], depth]))
 
 
+def _sum_pairs(x):
+    """Sum of ``[b, n, n]`` float32 over each set ``[b]``: rows first, then the row sums.
+
+    Two sums of n terms: in any summation order the error is at most
+    ``2 gamma_n * sum|x|`` (``gamma_n ~ n * 2**-24``), against ``gamma_{n^2}`` for one flat sum.
+    """
+    return tf.reduce_sum(tf.reduce_sum(x, axis=-1), axis=-1)
+
+
 def _n_triplets(g):
     """Triplets per set ``[b]`` int64: sum over anchors of n_pos(a) * n_neg(a)."""
     return tf.reduce_sum(tf.cast(g.n_pos, tf.int64) * tf.cast(g.n_neg, tf.int64), axis=-1)
@@ -339,14 +422,14 @@ def _batch_all_terms(g, srt, margin):
     prefix = tf.pad(tf.cumsum(finite, axis=-1), [[0, 0], [0, 0], [1, 0]])  # [b, a, n+1]
     k_float = tf.cast(k, tf.float32)
     hinge = tf.maximum(k_float * v - tf.gather(prefix, k, batch_dims=2), 0.0)
-    value = tf.reduce_sum(tf.where(g.pos, hinge, tf.zeros_like(hinge)), axis=[1, 2])
+    value = _sum_pairs(tf.where(g.pos, hinge, tf.zeros_like(hinge)))
 
     # c in sorted order: #positives with k > rank, a suffix sum of the histogram of k.
     hist = _row_counts(k, tf.cast(g.pos, tf.int32), n + 1)
     above = tf.cumsum(hist, axis=-1, exclusive=True, reverse=True)[:, :, :n]
     # Scatter back to column order (cols is a permutation of each row).
     c = _row_counts(srt.cols, above, n)
-    linear = tf.reduce_sum(k_float * g.dist - tf.cast(c, tf.float32) * g.dist, axis=[1, 2])
+    linear = _sum_pairs(k_float * g.dist - tf.cast(c, tf.float32) * g.dist)
     hinge_sum = tf.stop_gradient(value) + (linear - tf.stop_gradient(linear))
     n_active = tf.reduce_sum(tf.cast(k, tf.int64), axis=[1, 2])
     return hinge_sum, n_active
@@ -389,9 +472,7 @@ def _semi_hard_loss(g, srt, margin):
     chosen_col = tf.gather(srt.cols, rank, batch_dims=2)
     uses = _row_counts(chosen_col, tf.cast(active, tf.int32), n)
     zeros = tf.zeros_like(g.dist)
-    total = tf.reduce_sum(
-        tf.where(active, g.dist + margin, zeros) - tf.cast(uses, tf.float32) * g.dist, axis=[1, 2]
-    )
+    total = _sum_pairs(tf.where(active, g.dist + margin, zeros) - tf.cast(uses, tf.float32) * g.dist)
     count = tf.reduce_sum(tf.cast(pair, tf.float32), axis=[1, 2])
     return tf.math.divide_no_nan(total, count)
 
@@ -412,8 +493,8 @@ def _pair_statistics(g):
     zeros = tf.zeros_like(g.dist)
     n_pos_pairs = tf.reduce_sum(tf.cast(pos, tf.int64), axis=[1, 2])
     n_neg_pairs = tf.reduce_sum(tf.cast(neg, tf.int64), axis=[1, 2])
-    pos_sum = tf.reduce_sum(tf.where(pos, g.dist, zeros), axis=[1, 2])
-    neg_sum = tf.reduce_sum(tf.where(neg, g.dist, zeros), axis=[1, 2])
+    pos_sum = _sum_pairs(tf.where(pos, g.dist, zeros))
+    neg_sum = _sum_pairs(tf.where(neg, g.dist, zeros))
     pos_max = tf.reduce_max(tf.where(pos, g.dist, zeros), axis=[1, 2])
     neg_min = tf.reduce_min(tf.where(neg, g.dist, tf.fill(tf.shape(g.dist), np.inf)), axis=[1, 2])
     has_neg = n_neg_pairs > 0

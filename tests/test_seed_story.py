@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 from components.triplet_loss import max_distance, triplet_loss
+from tests.test_triplet_loss import SLACK, U32, assert_well_conditioned, distance_error, gamma
 
 ALPHA = 0.1  # the seed's alpha
 DIM = 100
@@ -97,10 +98,24 @@ def test_seed_loss_without_cos_norm_is_unbounded_below():
     blown_up = float(seed_loss(tf.matmul(x, kernel * c) + bias * c, labels, cos_norm=False))
     assert blown_up < -1e20  # = alpha + c^2 (loss - alpha): the optimum is -inf
     assert blown_up == pytest.approx(ALPHA + c**2 * (history[-1] - ALPHA), rel=0.05)
-    # The bounded loss ignores the scale of the head entirely.
+    # The bounded loss ignores the scale of the head entirely: both sides are within the
+    # batch-all bound of the exact loss (distance error, prefix and pair sums over n boxes,
+    # tests/test_triplet_loss.py: statistic_tolerances), and rounding h * c moves each
+    # normalised row by <= 2u.  The seed has a few distinct rows, copied: the triplet gaps
+    # are those of two copies of each distinct (row, label), checked away from 0.
     h = tf.matmul(x, kernel) + bias
     lab = tf.constant(labels, tf.int32)
-    assert float(triplet_loss(h * c, lab)) == pytest.approx(float(triplet_loss(h, lab)), rel=1e-4)
+    margin, n = 0.2, labels.shape[1]
+    for b in range(len(labels)):
+        rows = np.concatenate([h.numpy()[b], labels[b, :, None]], axis=1)
+        distinct = np.unique(rows, axis=0)
+        twice = np.concatenate([distinct, distinct])
+        assert_well_conditioned(twice[:, :-1], twice[:, -1].astype(int), margin, "euclidean", True,
+                                minings=["batch_all"])
+    delta = max(distance_error(h.numpy()[b], labels[b], "euclidean", True) for b in range(len(labels)))
+    batch_all = SLACK * (2 * delta + (3 * gamma(n) + 5 * U32) * (max_distance("euclidean") + margin))
+    tol = 2 * batch_all + SLACK * 2 * 2 * U32
+    assert abs(float(triplet_loss(h * c, lab, margin=margin)) - float(triplet_loss(h, lab, margin=margin))) <= tol
 
 
 def test_bounded_triplet_loss_trains_on_seed_data():
