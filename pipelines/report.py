@@ -1,7 +1,8 @@
 """`tripletflow report`: write report.html and alerts.json for a finished run's output.
 
 Exit codes: 0 (written; no alert, or no --fail-on-alert), components.report.ALERT_EXIT_CODE
-(alerts with --fail-on-alert), 2 (bad arguments or not a finished run).
+(alerts with --fail-on-alert), 2 (bad arguments or not a finished run),
+components.report.REPORT_FAILED_EXIT_CODE (a finished run whose report could not be written).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ USAGE_ERROR = 2
 def parse_args(argv):
     from components.report import ALERT_EXIT_CODE, threshold_names
 
-    description = __doc__.replace("components.report.ALERT_EXIT_CODE", str(ALERT_EXIT_CODE))
+    from components.report import REPORT_FAILED_EXIT_CODE
+
+    description = (__doc__.replace("components.report.ALERT_EXIT_CODE", str(ALERT_EXIT_CODE))
+                   .replace("components.report.REPORT_FAILED_EXIT_CODE", str(REPORT_FAILED_EXIT_CODE)))
     parser = argparse.ArgumentParser(prog="tripletflow report", description=description)
     parser.add_argument("--output", required=True, help="a run's output directory (holds MANIFEST.json)")
     parser.add_argument("--history", default=None,
@@ -36,16 +40,33 @@ def write_report(output_dir, *, history_root=None, thresholds=(), model_dir=None
     """Writes report.html and alerts.json for a finished run and prints the alerts.
 
     Shared by `tripletflow report`, `run` and `nightly`. Returns 0, the report's
-    ALERT_EXIT_CODE (alerts and `fail_on_alert`) or USAGE_ERROR (bad threshold, not a finished run).
+    ALERT_EXIT_CODE (alerts and `fail_on_alert`), USAGE_ERROR (bad threshold, not a finished
+    run) or REPORT_FAILED_EXIT_CODE (anything else: the run stays published, its report is missing).
     """
-    from components.report import ALERT_EXIT_CODE, RunDataError, generate_report, parse_overrides, storage
+    from components.report import (
+        ALERT_EXIT_CODE,
+        REPORT_FAILED_EXIT_CODE,
+        RunDataError,
+        generate_report,
+        parse_overrides,
+        storage,
+    )
 
     try:
-        alerts = generate_report(output_dir, history_root=history_root, thresholds=parse_overrides(list(thresholds)),
-                                 model_dir=model_dir)
-    except (RunDataError, ValueError) as error:
+        overrides = parse_overrides(list(thresholds))
+    except ValueError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        alerts = generate_report(output_dir, history_root=history_root, thresholds=overrides, model_dir=model_dir)
+    except RunDataError as error:
         print(f"{prog}: report of {output_dir} failed: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except Exception as error:  # noqa: BLE001 - a finished run's report must not pass for bad arguments
+        message = " ".join(str(error).split())
+        print(f"{prog}: the run's outputs are published, but its report failed: {type(error).__name__}: {message}",
+              file=sys.stderr)
+        return REPORT_FAILED_EXIT_CODE
     print(f"wrote {storage.join(output_dir, contract.REPORT_FILE)} and {contract.ALERTS_FILE}: {len(alerts)} alert(s)")
     for alert in alerts:
         print(f"  ALERT {alert['name']} ({alert['basis']}): {alert['message']}", file=sys.stderr)

@@ -155,6 +155,7 @@ class Reason:
     WRONG_TYPE = "wrong_type"  # a feature holds the wrong kind of list
     WRONG_LENGTH = "wrong_length"  # list length does not match the grid
     NON_FINITE = "non_finite"  # NaN or Inf in a valid (label >= 0) box
+    NORM_OVERFLOW = "norm_overflow"  # a valid box's norms could overflow float32 (validate.MAX_L1_NORM)
     BAD_LABEL = "bad_label"  # a label below -1
     BAD_EXAMPLE_ID = "bad_example_id"  # example_id empty or not UTF-8
 
@@ -165,6 +166,7 @@ class Reason:
         WRONG_TYPE,
         WRONG_LENGTH,
         NON_FINITE,
+        NORM_OVERFLOW,
         BAD_LABEL,
         BAD_EXAMPLE_ID,
     )

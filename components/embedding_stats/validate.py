@@ -21,6 +21,22 @@ from components.embedding_stats.common import DEAD, METRICS_NAMESPACE, dead_lett
 from schemas import contract
 
 VALIDATE_MAX_BATCH = 64  # records decoded and validated together
+# Largest L1 norm of a valid box (norm_overflow beyond): half float32's max. L1 >= L2 >= max-abs,
+# so every norm of an accepted vector is finite in float32; so are the --center'ed vector
+# (L1(x - mean) <= L1(x) + L1(mean) <= float32 max) and the distance of two vectors
+# (<= L2(a) + L2(b)). One threshold whatever the flags: a record is good or bad for every run.
+MAX_L1_NORM = float(np.finfo(np.float32).max) / 2
+
+
+def norm_overflow_boxes(embeddings: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """[boxes] bool: the valid boxes of embeddings [boxes, dim] (finite) whose L1 norm exceeds MAX_L1_NORM.
+
+    L1 <= dim * max-abs: a record below that bound (every real one) skips the float64 sums.
+    """
+    peak = float(np.abs(embeddings[valid]).max(initial=0.0))
+    if peak * embeddings.shape[1] <= MAX_L1_NORM:
+        return np.zeros(len(valid), bool)
+    return valid & (np.abs(embeddings.astype(np.float64)).sum(axis=1) > MAX_L1_NORM)
 
 
 class _ValidateFn(beam.DoFn):
@@ -144,6 +160,14 @@ class _ValidateFn(beam.DoFn):
             return (contract.Reason.NON_FINITE,
                     f"{int(bad_boxes.sum())} valid box(es) hold NaN/Inf, first at box {box} "
                     f"(level,row,col,anchor)={grid.box_position(box)}", example_id)
+        overflow = norm_overflow_boxes(embeddings, labels >= 0)
+        if overflow.any():
+            box = int(np.argmax(overflow))
+            l1 = float(np.abs(embeddings[box].astype(np.float64)).sum())
+            return (contract.Reason.NORM_OVERFLOW,
+                    f"{int(overflow.sum())} valid box(es) have an L1 norm above {MAX_L1_NORM:.4g} (half float32's "
+                    f"max: their norms or distances could overflow), first at box {box} "
+                    f"(level,row,col,anchor)={grid.box_position(box)} with L1 {l1:.4g}", example_id)
         return None, None, example_id
 
     def process(self, batch):

@@ -95,8 +95,8 @@ def _trainer_section(run: RunData) -> str:
     parts = [f'<p class="meta">from {html.esc(run.model_dir)}{" · status " + html.esc(state) if state else ""}</p>']
     losses = trainer_metrics.loss_curves(metrics)
     if losses:
-        parts.append(html.image(figures.curves(losses, "Trainer loss per epoch", "epoch", "training loss"),
-                                "trainer loss curve"))
+        parts.append(_figure("trainer loss curve", figures.curves, losses, "Trainer loss per epoch", "epoch",
+                             "training loss"))
     groups = trainer_metrics.validation_groups(metrics)
     if groups:
         heads = list(groups)
@@ -121,7 +121,7 @@ def _history_section(history: history_lib.History, current_date: str | None, cur
     runs = history.runs + [{"date": current_date or "this run", **current}]
     dates = [run["date"] for run in runs]
     panels = {title: {key: [run.get(key) for run in runs] for key in keys} for title, keys in TREND_PANELS.items()}
-    parts = [html.image(figures.trends(dates, panels), "trends over earlier runs")]
+    parts = [_figure("trends over earlier runs", figures.trends, dates, panels)]
     rows = [(None, [run["date"], run.get("records_read"), run.get("rejection_rate"), run.get("roc_auc"),
                     run.get("mean_batch_all_loss"), run.get("mean_norm")]) for run in runs]
     parts.append(html.table("history-runs", ["date", "records in", "rejection rate", "ROC AUC",
@@ -130,6 +130,17 @@ def _history_section(history: history_lib.History, current_date: str | None, cur
         items = "".join(f"<li>{html.esc(s)}</li>" for s in history.skipped)
         parts.append(f"<p>Partitions left out:</p><ul>{items}</ul>")
     return "\n".join(parts)
+
+
+def _figure(alt: str, draw, *args) -> str:
+    """`draw(*args)` as an inlined image, or one line saying why it was not drawn.
+
+    A figure never fails the report: the report of a published run is always written.
+    """
+    try:
+        return html.image(draw(*args), alt)
+    except Exception as error:  # noqa: BLE001 - whatever numpy/matplotlib raise on data nobody foresaw
+        return f'<p class="meta">{html.esc(alt)}: not drawn ({html.esc(type(error).__name__)}: {html.esc(str(error))})</p>'
 
 
 def norms_caption(run: RunData) -> str:
@@ -156,8 +167,9 @@ def generate_report(output_dir: str, history_root: str | None = None, thresholds
     current = alerts_lib.run_figures(summary, mean_negative_distance(run))
     found = alerts_lib.check(current, history.runs if history else [], limits)
 
-    l2 = run.vectors.column("l2_norm").to_numpy(zero_copy_only=False)
-    l2_z = run.vectors.column("l2_norm_z").to_numpy(zero_copy_only=False)
+    # float64: sums of float32 norms near 1e38 (accepted up to validate.MAX_L1_NORM) would overflow.
+    l2 = run.vectors.column("l2_norm").to_numpy(zero_copy_only=False).astype(np.float64)
+    l2_z = run.vectors.column("l2_norm_z").to_numpy(zero_copy_only=False).astype(np.float64)
     level = run.vectors.column("level").to_numpy(zero_copy_only=False)
     anchor = run.vectors.column("anchor").to_numpy(zero_copy_only=False)
     norm_summary = summary.get("l2_norm") or {}
@@ -169,11 +181,11 @@ def generate_report(output_dir: str, history_root: str | None = None, thresholds
             html.table("norm-stats", ["raw L2 norm", "value"],
                        [(f"l2_norm.{k}", [k, _number(norm_summary.get(k))]) for k in NORM_STATS]))),
         ("distances-section", "Pair distances",
-         html.image(figures.pair_distance_histogram(summary.get("histogram") or {}), "pair distance histograms")),
+         _figure("pair distance histograms", figures.pair_distance_histogram, summary.get("histogram") or {})),
         ("norms-section", "Vector norms",
          norms_caption(run)
-         + html.image(figures.norm_distributions(l2, l2_z), "norm distributions")
-         + html.image(figures.norms_by_position(l2, level, anchor), "norms per level and anchor")),
+         + _figure("norm distributions", figures.norm_distributions, l2, l2_z)
+         + _figure("norms per level and anchor", figures.norms_by_position, l2, level, anchor)),
         ("worst-section", f"Worst examples (highest {WORST_BY_LABEL})",
          html.table("worst-examples", ["example id", "valid boxes", "triplets", "active triplets",
                                        "batch-all loss", "batch-hard loss", "semi-hard loss"],

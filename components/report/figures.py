@@ -64,7 +64,11 @@ def pair_distance_histogram(histogram: dict) -> bytes:
 
 
 def norm_distributions(l2_norm: np.ndarray, l2_norm_z: np.ndarray) -> bytes:
-    """Histograms of the raw L2 norms and of their z-scores, over all valid boxes."""
+    """Histograms of the raw L2 norms and of their z-scores, over all valid boxes.
+
+    Only finite values are drawn (a histogram's range must be finite); the pipeline writes
+    no other, but a report also reads outputs it did not write.
+    """
     figure = Figure(figsize=WIDE)
     for index, (values, title, label) in enumerate(
         (
@@ -73,8 +77,10 @@ def norm_distributions(l2_norm: np.ndarray, l2_norm_z: np.ndarray) -> bytes:
         )
     ):
         ax = figure.add_subplot(1, 2, index + 1)
+        values = np.asarray(values, dtype=np.float64)
+        values = values[np.isfinite(values)]
         if len(values) == 0:
-            _say_empty(ax, "no valid boxes")
+            _say_empty(ax, "no valid boxes with a finite value")
             continue
         ax.hist(values, bins=NORM_BINS, color="tab:green", alpha=0.8)
         ax.set_title(title)
