@@ -24,7 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 from components.embedding_stats.cache import CacheBatches, ReplayCache, delete_cache
 from components.embedding_stats.common import DEAD, write_json
 from components.embedding_stats.norms import AnalyzeNorms, TransformNorms
-from components.embedding_stats.read import ReadRecords
+from components.embedding_stats.read import ReadRecords, non_regular_files_error
 from components.embedding_stats.statistics import EXAMPLES, FED_MAX, LABEL_SET, NORMS, PARTIAL, VECTORS, PairStatistics
 from components.embedding_stats.summary import Summarize
 from components.embedding_stats.validate import ValidateRecords
@@ -71,6 +71,8 @@ def expand_input(pattern: str) -> list[str]:
     files = sorted(m.path for m in metadata if not (_is_local(m.path) and os.path.isdir(m.path)))
     if not files:
         raise InputError(f"--input {pattern!r} matches no files")
+    if problem := non_regular_files_error(pattern, files):  # e.g. a FIFO: reading it would block forever
+        raise InputError(problem)
     return files
 
 
