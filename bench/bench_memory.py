@@ -136,7 +136,9 @@ def run_once(root: str, name: str, examples: int, grid: contract.GridSpec, empty
     grid_flag = ",".join(map(str, grid.grid_shape))
     row = measure([*tripletflow_command(), "run", "--input", input_glob, "--output", output, "--grid", grid_flag,
                    "--dim", str(grid.dim), "--no-report"], os.path.join(root, f"{name}-run.log"))
-    with open(os.path.join(output, contract.SUMMARY_FILE)) as f:
+    with open(os.path.join(output, contract.MANIFEST_FILE)) as f:
+        summary_path = contract.listed_files(output, json.load(f), contract.SUMMARY_FILE)[0]
+    with open(summary_path) as f:
         summary = json.load(f)
     if summary["records_good"] != examples:
         raise SystemExit(f"{name}: {summary['records_good']} good records of {examples} generated")

@@ -35,14 +35,18 @@ WARMUP_STEPS = 2  # steps run before timing (tracing)
 
 def write_vectors(root: str, examples: int, grid: contract.GridSpec, seed: int) -> int:
     """Writes a finished-looking run (vectors + MANIFEST.json); returns the valid boxes written."""
-    os.makedirs(os.path.join(root, contract.VECTORS_DIR), exist_ok=True)
+    run_dir = f"{contract.RUNS_DIR}/bench"
+    os.makedirs(os.path.join(root, run_dir, contract.VECTORS_DIR), exist_ok=True)
+    listed = []  # MANIFEST.json's "files": readers read only what it lists
     options = sample_data.SampleOptions(examples=examples, grid=grid, seed=seed)
     tables, rows, total, part = [], 0, 0, 0
 
     def flush():
         nonlocal tables, rows, part
         if tables:
-            pq.write_table(pa.concat_tables(tables), os.path.join(root, contract.VECTORS_DIR, f"part-{part:05d}.parquet"))
+            relative = f"{run_dir}/{contract.VECTORS_DIR}/part-{part:05d}.parquet"
+            pq.write_table(pa.concat_tables(tables), os.path.join(root, relative))
+            listed.append({"path": relative, "bytes": os.path.getsize(os.path.join(root, relative)), "rows": rows})
             tables, rows, part = [], 0, part + 1
 
     for example_id, embeddings, labels in sample_data.sample_arrays(options):
@@ -72,7 +76,8 @@ def write_vectors(root: str, examples: int, grid: contract.GridSpec, seed: int) 
         if rows >= ROWS_PER_FILE:
             flush()
     flush()
-    manifest = {"options": {"grid": ",".join(map(str, grid.grid_shape)), "dim": grid.dim}, "note": "bench input"}
+    manifest = {"run_dir": run_dir, "files": listed, "note": "bench input",
+                "options": {"grid": ",".join(map(str, grid.grid_shape)), "dim": grid.dim}}
     with open(os.path.join(root, contract.MANIFEST_FILE), "w") as f:
         json.dump(manifest, f)
     return total

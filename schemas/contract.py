@@ -302,11 +302,55 @@ SUMMARY_KEYS = tuple(SUMMARY_SCHEMA.names)  # top-level keys of summary.json, in
 # Top-level keys of MANIFEST.json.
 MANIFEST_KEYS = (
     "tripletflow_version",
+    "run_id",
+    "run_dir",
     "input_pattern",
     "input_files",
     "options",
     "versions",
     "counts",
+    "files",
     "start_time",
     "end_time",
 )
+# Keys of each entry of MANIFEST.json's "files": the run's files, path relative to the output dir.
+MANIFEST_FILE_KEYS = ("path", "bytes", "rows")
+
+# ---------------------------------------------------------------------------
+# Layout of an output directory, and the reader rule.
+#
+#   <output>/MANIFEST.json            the commit record, written last (atomically) by the pipeline
+#   <output>/runs/<run_id>/...        the run's files: TABLE_SCHEMAS dirs, transform_graph/, summary.*
+#   <output>/report.html, alerts.json the report of the committed run (written after the commit)
+#
+# Data files are written once, in their run's directory, and never copied: committing a run
+# is writing MANIFEST.json. A reader opens MANIFEST.json first and reads only the files it
+# lists (`listed_files`); anything else under the output (a run in flight, the leftovers of a
+# killed one) is not part of the output. After its commit, a run deletes the runs it replaced.
+# ---------------------------------------------------------------------------
+RUNS_DIR = "runs"
+RUN_ID_TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"  # run ids start with their UTC start time: they sort by it
+
+
+def output_path(output_dir: str, relative: str) -> str:
+    """`relative` (a manifest path, "/"-separated) under `output_dir` (a local path or a URI)."""
+    return f"{os.fspath(output_dir).rstrip('/')}/{relative}"
+
+
+def run_path(output_dir: str, manifest: dict, *parts: str) -> str:
+    """A path inside the committed run's directory, e.g. run_path(out, m, TRANSFORM_GRAPH_DIR)."""
+    if "run_dir" not in manifest:
+        raise ValueError(f"{output_path(output_dir, MANIFEST_FILE)} has no run_dir: written by an older "
+                         "tripletflow; re-run EmbeddingStats into this output")
+    return output_path(output_dir, "/".join([manifest["run_dir"], *parts]))
+
+
+def listed_files(output_dir: str, manifest: dict, item: str) -> list[str]:
+    """The committed files of `item` (a table name, SUMMARY_FILE, ...), sorted: the reader rule.
+
+    `item` names a directory of the run (every file under it) or a file of the run.
+    """
+    run_path(output_dir, manifest)  # the same clear error for an older manifest
+    prefix = f"{manifest['run_dir']}/{item}"
+    return sorted(output_path(output_dir, entry["path"]) for entry in manifest["files"]
+                  if entry["path"] == prefix or entry["path"].startswith(prefix + "/"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import numpy as np
@@ -32,10 +33,25 @@ def read_input(pattern: str, grid: contract.GridSpec) -> dict:
     return found
 
 
-def read_table(output_dir: str, name: str):
-    """A whole output table, read with plain pyarrow from its Parquet files."""
-    files = sorted(glob.glob(os.path.join(output_dir, name, "*.parquet")))
-    return pq.ParquetDataset(files).read() if files else None
+def manifest(output_dir) -> dict:
+    with open(os.path.join(output_dir, contract.MANIFEST_FILE)) as f:
+        return json.load(f)
+
+
+def run_file(output_dir, name: str) -> str:
+    """A file or folder of the output's committed run (MANIFEST.json's run_dir), e.g. summary.json."""
+    return os.path.join(str(output_dir), manifest(output_dir)["run_dir"], name)
+
+
+def read_table(output_dir, name: str):
+    """A whole output table, read with plain pyarrow from the Parquet files its manifest lists."""
+    files = contract.listed_files(str(output_dir), manifest(output_dir), name)
+    return pq.read_table(files, partitioning=None) if files else None  # no columns from date=... folders
+
+
+def read_summary(output_dir) -> dict:
+    with open(run_file(output_dir, contract.SUMMARY_FILE)) as f:
+        return json.load(f)
 
 
 def distances(x: np.ndarray, distance: str) -> np.ndarray:

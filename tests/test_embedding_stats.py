@@ -73,10 +73,27 @@ def test_counts_add_up(stats_run, sample_input):
     assert manifest["counts"]["records_in"] == manifest["counts"]["records_good"] + manifest["counts"]["records_rejected"]
     assert sorted(manifest["input_files"]) == sample_input.files
     assert manifest["start_time"] <= manifest["end_time"]
-    # Only the declared outputs are published: no scratch (tf.Transform temp, box cache) left behind.
-    assert sorted(os.listdir(stats_run.output_dir)) == sorted([
-        *contract.TABLE_SCHEMAS, contract.TRANSFORM_GRAPH_DIR, contract.SUMMARY_FILE, contract.SUMMARY_PARQUET_FILE,
-        contract.MANIFEST_FILE])
+    # The output holds the manifest and the one run it commits; the run only the declared outputs:
+    # no scratch (tf.Transform temp, box cache, staging) left behind.
+    out = stats_run.output_dir
+    assert sorted(os.listdir(out)) == [contract.MANIFEST_FILE, contract.RUNS_DIR]
+    assert [os.path.join(contract.RUNS_DIR, name) for name in os.listdir(os.path.join(out, contract.RUNS_DIR))] == [
+        manifest["run_dir"]]
+    assert manifest["run_id"] == stats_run.result.run_id and manifest["run_dir"].endswith(manifest["run_id"])
+    assert sorted(os.listdir(os.path.join(out, manifest["run_dir"]))) == sorted([
+        *contract.TABLE_SCHEMAS, contract.TRANSFORM_GRAPH_DIR, contract.SUMMARY_FILE, contract.SUMMARY_PARQUET_FILE])
+    # The manifest lists every file of the run, with its size on disk and (Parquet) its rows.
+    on_disk = {}
+    for folder, _, names in os.walk(os.path.join(out, manifest["run_dir"])):
+        for name in names:
+            path = os.path.join(folder, name)
+            rows = pq.ParquetFile(path).metadata.num_rows if name.endswith(".parquet") else None
+            on_disk[os.path.relpath(path, out)] = (os.path.getsize(path), rows)
+    assert {f["path"]: (f["bytes"], f["rows"]) for f in manifest["files"]} == on_disk
+    rows = {table: sum(rows for path, (_, rows) in on_disk.items() if path.startswith(f"{manifest['run_dir']}/{table}/"))
+            for table in contract.TABLE_SCHEMAS}
+    assert rows == {contract.VECTORS_DIR: summary["valid_boxes"], contract.EXAMPLES_DIR: len(sample_input.good_ids),
+                    contract.DEAD_LETTER_DIR: len(sample_input.bad_ids)}
 
 
 def _grid_batch(ids, embeddings, labels):
@@ -151,7 +168,7 @@ def test_norm_buckets_follow_independent_quantiles(stats_run):
 
 
 def test_summary_matches_examples_and_brute_force_auc(stats_run, reference_input):
-    summary = json.load(open(os.path.join(stats_run.output_dir, contract.SUMMARY_FILE)))
+    summary = ref.read_summary(stats_run.output_dir)
     assert tuple(summary) == contract.SUMMARY_KEYS
     examples = ref.read_table(stats_run.output_dir, contract.EXAMPLES_DIR).to_pandas()
     for key, column in (("pos_pairs", "n_pos_pairs"), ("neg_pairs", "n_neg_pairs"), ("triplets", "n_triplets"),
@@ -181,21 +198,22 @@ def test_summary_matches_examples_and_brute_force_auc(stats_run, reference_input
 
 @pytest.mark.parametrize("name", list(contract.TABLE_SCHEMAS))
 def test_parquet_reads_back_with_declared_schema(stats_run, name):
-    files = sorted(os.listdir(os.path.join(stats_run.output_dir, name)))
+    folder = ref.run_file(stats_run.output_dir, name)
+    files = sorted(os.listdir(folder))
     assert files and all(f.endswith(".parquet") for f in files)
     for file in files:
-        path = os.path.join(stats_run.output_dir, name, file)
+        path = os.path.join(folder, file)
         assert pq.read_schema(path).remove_metadata().equals(contract.TABLE_SCHEMAS[name])
         frame = pd.read_parquet(path)
         assert list(frame.columns) == contract.TABLE_SCHEMAS[name].names
 
 
 def test_summary_parquet_is_summary_json_as_one_row(stats_run):
-    path = os.path.join(stats_run.output_dir, contract.SUMMARY_PARQUET_FILE)
+    path = ref.run_file(stats_run.output_dir, contract.SUMMARY_PARQUET_FILE)
     table = pq.read_table(path)
     assert table.schema.remove_metadata().equals(contract.SUMMARY_SCHEMA) and table.num_rows == 1
     row = pd.read_parquet(path).iloc[0]
-    summary = json.load(open(os.path.join(stats_run.output_dir, contract.SUMMARY_FILE)))
+    summary = ref.read_summary(stats_run.output_dir)
     assert row["valid_boxes"] == summary["valid_boxes"] > 0
     assert row["rejected_by_reason"] == summary["rejected_by_reason"]
     assert row["roc_auc"] == summary["roc_auc"]
@@ -207,7 +225,7 @@ def test_transform_graph_serves_the_same_preprocessing(stats_run, reference_inpu
     import tensorflow as tf
     import tensorflow_transform as tft
 
-    output = tft.TFTransformOutput(os.path.join(stats_run.output_dir, contract.TRANSFORM_GRAPH_DIR))
+    output = tft.TFTransformOutput(ref.run_file(stats_run.output_dir, contract.TRANSFORM_GRAPH_DIR))
     assert set(output.raw_feature_spec()) == {contract.BOX_EMBEDDING, contract.BOX_LABEL}  # one box, no grid
     _, (emb, labels) = next(iter(reference_input.items()))
     emb = emb[labels >= 0]  # any boxes: serving feeds boxes without labels
@@ -254,7 +272,7 @@ def test_no_normalize_uses_raw_vectors_and_a_data_sized_histogram(variant_runs, 
     rows = {row["example_id"]: row for row in ref.read_table(out, contract.EXAMPLES_DIR).to_pylist()}
     for key, (emb, labels) in reference_input.items():
         _check_example_row(rows[key], ref.example_statistics(emb, labels, "squared", normalize=False), key)
-    summary = json.load(open(os.path.join(out, contract.SUMMARY_FILE)))
+    summary = ref.read_summary(out)
     largest = max(np.linalg.norm(emb[labels >= 0], axis=1).max() for emb, labels in reference_input.values())
     assert summary["histogram"]["bin_edges"][-1] == pytest.approx((2 * largest) ** 2, rel=1e-4)
     assert sum(summary["histogram"]["positive"]) == summary["pos_pairs"]

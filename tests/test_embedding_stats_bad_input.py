@@ -260,7 +260,8 @@ def test_all_records_mismatching_the_grid_publish_empty_tables_and_fail(bad_inpu
         assert table is not None and table.schema.remove_metadata().equals(schema), name
         if name != contract.DEAD_LETTER_DIR:
             assert table.num_rows == 0
-    assert not [p for p in os.listdir(tmp_path) if executor.TEMP_SUFFIX in p or executor.OLD_SUFFIX in p]
+    assert sorted(os.listdir(out)) == [contract.MANIFEST_FILE, contract.RUNS_DIR]  # the old files are gone
+    assert os.listdir(out / contract.RUNS_DIR) == [manifest["run_id"]]
 
 
 def test_failed_run_publishes_nothing_and_keeps_old_results(bad_input, tmp_path, capsys, monkeypatch):

@@ -56,6 +56,7 @@ def counted_run(tmp_path_factory):
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.testing.test_pipeline import TestPipeline
 
+    from components.embedding_stats.commit import RunInfo
     from components.embedding_stats.executor import build_pipeline
     from components.embedding_stats.options import EmbeddingStatsOptions
     from components.embedding_stats.common import METRICS_NAMESPACE
@@ -87,7 +88,7 @@ def counted_run(tmp_path_factory):
         "--input", os.path.join(str(root), "*", "*"), "--output", str(root / "output"),
         "--grid", ",".join(map(str, GRID.grid_shape)), "--dim", str(GRID.dim), "--runner", "FnApiRunner"])
     with TestPipeline(options=options) as p:
-        build_pipeline(p, options, input_files=files)
+        build_pipeline(p, options, RunInfo.start(str(root / "output"), options.input, files, {}))
     result = p.result  # set by the context manager, after waiting until the run finished
     counters = collections.Counter()
     for metric in result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["counters"]:

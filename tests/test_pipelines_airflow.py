@@ -181,5 +181,5 @@ def test_rendered_command_runs_end_to_end_on_a_local_runner(tmp_path):
     assert manifest["counts"]["records_in"] == EXAMPLES
     assert len(manifest["input_files"]) == 2
     assert all(f"date={EXPECTED_DS}" in path for path in manifest["input_files"])
-    assert pq.read_table(published / contract.EXAMPLES_DIR).num_rows == EXAMPLES
+    assert pq.read_table(contract.listed_files(str(published), manifest, contract.EXAMPLES_DIR), partitioning=None).num_rows == EXAMPLES
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"date={EXPECTED_DS}"]  # no temp left

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -22,8 +23,9 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, SetupOption
 from apache_beam.portability.api import beam_runner_api_pb2
 
 from components import sample_data
-from components.embedding_stats.executor import create_pipeline
+from components.embedding_stats.executor import execute
 from components.embedding_stats.options import EmbeddingStatsOptions, validate_options
+from pipelines import embedding_stats
 from schemas import contract
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +35,8 @@ PROJECT, REGION, TEMP = "tripletflow-test", "europe-west4", "gs://tf-test-bucket
 STAGED_PACKAGE = "workflow.tar.gz"  # the name Dataflow gives the --setup_file package
 CUSTOM_IMAGE = "europe-docker.pkg.dev/tripletflow-test/images/tripletflow:1"
 # Top-level steps of EmbeddingStats (components/embedding_stats/executor.build_pipeline).
-EXPECTED_STEPS = {"ReadRecords", "ValidateRecords", "AnalyzeNorms", "PairStatistics", "Summarize", "WriteOutputs"}
+EXPECTED_STEPS = {"ReadRecords", "ValidateRecords", "AnalyzeNorms", "WriteTransformGraph", "PairStatistics", "Summarize",
+                  "WriteOutputs", "CommitRun"}
 EXPECTED_SINKS = {"WriteOutputs/WriteVectors", "WriteOutputs/WriteExamples", "WriteOutputs/WriteDeadLetter"}
 NO_AUTH_ENV = {
     "GOOGLE_APPLICATION_CREDENTIALS": None,  # no key file
@@ -64,9 +67,9 @@ def _dry_run_job(input_glob, output, *extra):
         "--runner=DataflowRunner", "--dry_run=True", f"--project={PROJECT}", f"--region={REGION}",
         f"--temp_location={TEMP}", f"--input={input_glob}", f"--output={output}",
         f"--grid={GRID}", f"--dim={DIM}", *extra])
-    result = create_pipeline(options).run()
-    assert result.state == beam.runners.runner.PipelineState.DONE
-    return result.job
+    result = execute(options)
+    assert result.dry_run and result.pipeline_result.state == beam.runners.runner.PipelineState.DONE
+    return result.pipeline_result.job
 
 
 def _dependencies(job) -> dict:
@@ -90,7 +93,8 @@ def test_dry_run_builds_the_dataflow_job_with_the_project_package_staged(offline
     job = _dry_run_job(input_glob, str(tmp_path / "out"))
     names = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
     assert EXPECTED_STEPS <= names and EXPECTED_SINKS <= names
-    assert "AnalyzeNorms/WriteTransformFn" in names  # tf.Transform's graph is written by the job itself
+    assert "WriteTransformGraph/WriteTransformFn" in names  # tf.Transform's graph is written by the job itself
+    assert "CommitRun/Commit" in names  # and the job commits its own output
     assert job.proto.type_.name == "JOB_TYPE_BATCH"
     cloud = job.options.view_as(GoogleCloudOptions)
     assert (cloud.project, cloud.region) == (PROJECT, REGION)
@@ -129,6 +133,64 @@ def test_cli_dry_run_exits_cleanly_without_cloud_access(input_glob, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert not output.exists()  # a dry run runs nothing and publishes nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary sibling left behind
+
+
+# Run before the CLI in the child process: every socket connection to a non-loopback address and
+# every name lookup other than localhost is refused and recorded, so "offline" is checked, not assumed.
+NETWORK_GUARD = """
+import json, os, socket, sys
+attempts = []
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+def record(what):
+    attempts.append(what)
+    with open(os.environ["NETWORK_ATTEMPTS"], "w") as f:
+        json.dump(attempts, f)
+    raise OSError(f"network access refused by the test: {what}")
+real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+def connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in LOOPBACK:
+        record(f"connect {address}")
+    return real_connect(self, address)
+def getaddrinfo(host, *args, **kwargs):
+    if host not in LOOPBACK and host is not None:
+        record(f"getaddrinfo {host}")
+    return real_getaddrinfo(host, *args, **kwargs)
+socket.socket.connect, socket.getaddrinfo = connect, getaddrinfo
+socket.socket.connect_ex = lambda self, address: connect(self, address) or 0
+from pipelines import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_dry_run_with_gs_paths_builds_the_job_with_no_network_access_at_all(input_glob, tmp_path):
+    """gs:// input, output and temp: the job (commit stage included) is built without one network call."""
+    attempts = tmp_path / "network-attempts.json"
+    env = {k: v for k, v in os.environ.items() if k != "GOOGLE_APPLICATION_CREDENTIALS"}
+    env.update({k: v for k, v in NO_AUTH_ENV.items() if v is not None}, NETWORK_ATTEMPTS=str(attempts))
+    # Where a new network namespace can be made, the child has no network interface at all (C++
+    # clients, e.g. TensorFlow's GCS filesystem, cannot reach out either); the guard records the rest.
+    isolate = ["unshare", "--net"] if shutil.which("unshare") and subprocess.run(
+        ["unshare", "--net", "true"], capture_output=True).returncode == 0 else []
+    done = subprocess.run(
+        [*isolate, sys.executable, "-c", NETWORK_GUARD, "run", "--runner", "DataflowRunner", "--project", PROJECT,
+         "--region", REGION, "--temp_location", TEMP, "--input", "gs://tf-test-bucket/in/date=2024-05-01/*",
+         "--output", "gs://tf-test-bucket/out/date=2024-05-01", "--grid", GRID, "--dim", str(DIM), "--dry_run=True"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert not attempts.exists(), attempts.read_text()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dry run: job built" in done.stdout
+
+
+def test_an_option_error_prints_its_whole_reason_on_one_line(input_glob, tmp_path, capsys):
+    """Beam's own option validation runs up front; its reason (on later lines in Beam's message) reaches the user."""
+    code = embedding_stats.run([
+        "--runner", "DataflowRunner", "--project", PROJECT, "--region", REGION, "--temp_location", TEMP,
+        "--job_name", "Not_A_Valid_Job_Name!",
+        "--input", input_glob, "--output", str(tmp_path / "out"), "--grid", GRID, "--dim", str(DIM), "--dry_run=True"])
+    err = capsys.readouterr().err
+    assert code == embedding_stats.EXIT_USAGE  # a bad flag, found before any work
+    assert err.count("\n") == 1 and "Invalid job_name (Not_A_Valid_Job_Name!)" in err and "[-a-z0-9]" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import pytest
 
 from components.embedding_stats.statistics import FAULT_ENV  # the pair-statistics DoFn's test-only fault switch
 from pipelines import embedding_stats, nightly
+from components.embedding_stats.commit import read_manifest
 from schemas import contract
 
 WORKERS = 2
@@ -42,7 +43,7 @@ def read_rows(output_dir, table: str) -> list[dict]:
     Dead letters name their source file: only its base name is kept, so that runs over
     copies of the same files in another folder compare equal.
     """
-    data = pq.read_table(os.path.join(output_dir, table))
+    data = pq.read_table(contract.listed_files(str(output_dir), read_manifest(output_dir), table), partitioning=None)
     assert data.schema.remove_metadata().equals(contract.TABLE_SCHEMAS[table]), table
     rows = data.to_pylist()
     for row in rows:
@@ -63,13 +64,7 @@ def assert_same_outputs(actual_dir, expected_dir) -> None:
         assert len(actual) == len(expected), f"{table}: {len(actual)} rows, expected {len(expected)}"
         for got, want in zip(actual, expected):
             assert got == want, f"{table}: row {[want[k] for k in ROW_KEYS[table]]} differs: {_differences(got, want)}"
-    import json
-
-    def counts(directory):
-        with open(os.path.join(directory, contract.MANIFEST_FILE)) as f:
-            return json.load(f)["counts"]
-
-    assert counts(actual_dir) == counts(expected_dir)
+    assert read_manifest(actual_dir)["counts"] == read_manifest(expected_dir)["counts"]
 
 
 def stats_flags(stats_run) -> list[str]:
@@ -79,9 +74,17 @@ def stats_flags(stats_run) -> list[str]:
             "--dim", str(grid.dim), "--no-report"]
 
 
-def leftovers(parent) -> list[str]:
-    """Temporary siblings a run may leave next to its output (there must be none)."""
-    return sorted(p.name for p in Path(parent).iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+def leftovers(output_dir) -> list[str]:
+    """What a run may leave in its output beside the committed run (there must be nothing)."""
+    output_dir = Path(output_dir)
+    if not output_dir.exists():
+        return []
+    runs = output_dir / contract.RUNS_DIR
+    published = (contract.RUNS_DIR, contract.MANIFEST_FILE, contract.REPORT_FILE, contract.ALERTS_FILE)
+    found = [p.name for p in output_dir.iterdir() if p.name not in published]
+    committed = read_manifest(output_dir)["run_id"] if (output_dir / contract.MANIFEST_FILE).exists() else None
+    found += [f"{contract.RUNS_DIR}/{p.name}" for p in runs.iterdir() if p.name != committed] if runs.exists() else []
+    return sorted(found)
 
 
 def _free_port() -> int:
@@ -144,10 +147,10 @@ def test_a_killed_worker_fails_the_run_without_publishing_and_a_rerun_succeeds(s
     assert marker.exists(), "the fault switch did not fire: no worker was killed"
     assert code == embedding_stats.EXIT_FAILED
     assert not output.exists()  # nothing published: no manifest, no partial table
-    assert leftovers(tmp_path) == []
     # The marker stays: the switch fires once, so the same command now runs clean.
     assert embedding_stats.run([*stats_flags(stats_run), "--output", str(output)]) == 0
     assert_same_outputs(output, stats_run.output_dir)
+    assert leftovers(output) == []
 
 
 @KILLED_WORKER_THREADS
@@ -167,7 +170,7 @@ def test_nightly_retries_a_run_whose_worker_died_and_publishes_exact_outputs(sta
     assert code == 0
     assert "2024-05-01 attempt 2/2" in out  # the first attempt failed and was retried whole
     assert_same_outputs(tmp_path / "out" / "date=2024-05-01", stats_run.output_dir)
-    assert leftovers(tmp_path / "out") == []
+    assert leftovers(tmp_path / "out" / "date=2024-05-01") == []
 
 
 def test_the_cli_caps_malloc_arenas_for_itself_and_its_workers(monkeypatch):

@@ -9,7 +9,6 @@ cases are tiny real pipeline runs on TFRecords built to breach one threshold eac
 from __future__ import annotations
 
 import collections
-import glob
 import html.parser
 import itertools
 import json
@@ -29,6 +28,7 @@ from components import sample_data
 from components.report import ALERT_EXIT_CODE, Thresholds, generate_report, parse_overrides
 from pipelines import cli
 from schemas import contract
+from tests import embedding_stats_reference as ref
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
@@ -138,7 +138,8 @@ def shown_number(text: str):
 
 
 def read_parquet_dir(run_dir, name, columns=None):
-    files = sorted(glob.glob(os.path.join(run_dir, name, "*.parquet")))
+    """The tables of `name`'s Parquet files, as the run's manifest lists them (the reader rule)."""
+    files = contract.listed_files(os.fspath(run_dir), ref.manifest(run_dir), name)
     tables = [pq.read_table(path, columns=columns) for path in files]
     if not tables:
         return None
@@ -251,8 +252,7 @@ def read_alerts(run_dir) -> dict:
 
 
 def read_summary(run_dir) -> dict:
-    with open(os.path.join(run_dir, contract.SUMMARY_FILE)) as f:
-        return json.load(f)
+    return ref.read_summary(run_dir)
 
 
 # ---------------------------------------------------------------------------
@@ -502,11 +502,13 @@ def test_history_trends_and_auc_drop(stats_run, collapsed_night, history_root, t
     later = history_root / f"date={LATER_DATE}"
     for partition in (earlier, later):
         partition.mkdir(parents=True)
-        for name in (contract.MANIFEST_FILE, contract.SUMMARY_FILE):
+        summary = os.path.relpath(ref.run_file(healthy, contract.SUMMARY_FILE), healthy)
+        for name in (contract.MANIFEST_FILE, summary):
+            (partition / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(os.path.join(healthy, name), partition / name)
     unfinished = history_root / f"date={UNFINISHED_DATE}"
     unfinished.mkdir()  # a summary but no MANIFEST.json: that run did not finish
-    shutil.copy(os.path.join(healthy, contract.SUMMARY_FILE), unfinished / contract.SUMMARY_FILE)
+    shutil.copy(ref.run_file(healthy, contract.SUMMARY_FILE), unfinished / contract.SUMMARY_FILE)
 
     alerts = generate_report(collapsed_night, history_root=os.fspath(history_root))
     healthy_auc = read_summary(healthy)["roc_auc"]
@@ -594,12 +596,13 @@ def test_vector_sample_is_uniform_bounded_and_streams_every_file(tmp_path):
                           "l2_norm": pa.array(np.arange(start, start + rows_per_file), pa.float32()),
                           "l2_norm_z": pa.array(np.zeros(rows_per_file), pa.float32())})
         pq.write_table(table, tmp_path / f"part-{index}.parquet", row_group_size=128)
-    sample, total = run_data.sample_table(str(tmp_path), contract.VECTORS_SCHEMA, run_data.VECTOR_COLUMNS, 600)
+    paths = [str(tmp_path / f"part-{index}.parquet") for index in range(files)]
+    sample, total = run_data.sample_table(paths, contract.VECTORS_SCHEMA, run_data.VECTOR_COLUMNS, 600)
     assert total == files * rows_per_file and sample.num_rows == 600
     picked = np.sort(sample.column("l2_norm").to_numpy())
     assert len(np.unique(picked)) == 600  # distinct rows, each a real row of the table
     np.testing.assert_array_equal(sample.column("level").to_numpy(), picked.astype(np.int64) % 2)
     per_file = np.bincount((picked // rows_per_file).astype(int), minlength=files)
     assert per_file.min() > 150  # about 200 from each file: uniform over the whole table
-    everything, total = run_data.sample_table(str(tmp_path), contract.VECTORS_SCHEMA, run_data.VECTOR_COLUMNS, 10**6)
+    everything, total = run_data.sample_table(paths, contract.VECTORS_SCHEMA, run_data.VECTOR_COLUMNS, 10**6)
     np.testing.assert_array_equal(np.sort(everything.column("l2_norm").to_numpy()), np.arange(3000))

@@ -17,7 +17,6 @@ import textwrap
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 from sklearn.datasets import load_digits
@@ -29,6 +28,7 @@ from components.trainer.executor import Executor
 from pipelines import cli
 from pipelines import train as train_entry
 from schemas import contract
+from tests import embedding_stats_reference as ref
 
 GRID = contract.GridSpec(1, 4, 4, 5, dim=64)
 CLASSES_PER_GRID = 4
@@ -109,7 +109,7 @@ def test_identity_head_loss_equals_examples_table(request, run, mining):
         stats = request.getfixturevalue("stats_run").output_dir  # tests/conftest.py: the shared real run
     manifest = data.read_manifest(stats)["options"]
     dim = data.embedding_dim([stats])
-    table = pq.read_table(os.path.join(stats, contract.EXAMPLES_DIR)).to_pydict()
+    table = ref.read_table(stats, contract.EXAMPLES_DIR).to_pydict()
     expected = dict(zip(table["example_id"], table[f"{mining}_loss"]))
     triplets = dict(zip(table["example_id"], table["n_triplets"]))
     identity = model.ProjectionHead(dim, identity=True)
@@ -161,7 +161,7 @@ def _assert_close(a, b):
 
 def _check_serving(saved_model_dir, head, stats, grids, tmp_path):
     """The SavedModel, loaded in a fresh process, on raw boxes/grids = the in-memory head on `vectors`."""
-    vectors = pq.read_table(os.path.join(stats, contract.VECTORS_DIR)).to_pandas()
+    vectors = ref.read_table(stats, contract.VECTORS_DIR).to_pandas()
     ids = sorted(grids)[:5]
     rows = vectors[vectors.example_id.isin(ids)]
     flat = (((rows.level * GRID.height + rows.row) * GRID.width + rows.col) * GRID.anchors + rows.anchor).to_numpy()
@@ -209,7 +209,7 @@ def test_saved_model_applies_the_runs_centering(digits_run, tmp_path):
     executor = Executor(spec, verbose=False)
     executor.run()
     # the centered vectors differ from plain normalization: the check below would catch a skipped mean
-    vectors = pq.read_table(os.path.join(stats, contract.VECTORS_DIR)).to_pandas().iloc[0]
+    vectors = ref.read_table(stats, contract.VECTORS_DIR).to_pandas().iloc[0]
     raw = grids[vectors.example_id][0][((vectors.level * GRID.height + vectors.row) * GRID.width + vectors.col) * GRID.anchors + vectors.anchor]
     assert np.max(np.abs(np.asarray(vectors.embedding) - raw / np.linalg.norm(raw))) > 0.05
     _check_serving(spec.saved_model_dir, executor.head, stats, grids, tmp_path)
@@ -270,7 +270,7 @@ def test_a_run_with_a_whole_grid_transform_graph_is_refused_before_training(digi
     old = tmp_path / "old"
     shutil.copytree(stats, old)
     # The raw schema an older tripletflow wrote: the transform graph took whole input grids.
-    shutil.copy(contract.INPUT_SCHEMA_PATH, old / contract.TRANSFORM_GRAPH_DIR / "metadata" / "schema.pbtxt")
+    shutil.copy(contract.INPUT_SCHEMA_PATH, os.path.join(ref.run_file(old, contract.TRANSFORM_GRAPH_DIR), "metadata", "schema.pbtxt"))
     spec = spec_lib.TrainerSpec((str(old),), str(tmp_path / "out"), spec_lib.TrainOptions(epochs=1))
     with pytest.raises(ValueError, match="not one box"):
         Executor(spec, verbose=False).run()

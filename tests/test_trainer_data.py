@@ -37,6 +37,9 @@ def _rows(example_id, embeddings, labels):
     }
 
 
+RUN_ID = "20240101T000000000000Z-00000000"
+
+
 def write_run(root, chunks, files=1, row_group_size=7, grid="1,2,2,3"):
     """Writes (example_id, embeddings, labels) chunks in the given order as a finished run."""
     rows = {name: [] for name in contract.VECTORS_SCHEMA.names}
@@ -44,16 +47,19 @@ def write_run(root, chunks, files=1, row_group_size=7, grid="1,2,2,3"):
         for key, values in _rows(*chunk).items():
             rows[key] += values
     table = pa.table(rows, schema=contract.VECTORS_SCHEMA)
-    os.makedirs(os.path.join(root, contract.VECTORS_DIR), exist_ok=True)
+    run_dir = f"{contract.RUNS_DIR}/{RUN_ID}"
+    os.makedirs(os.path.join(root, run_dir, contract.VECTORS_DIR), exist_ok=True)
     per_file = -(-table.num_rows // files)
+    listed = []
     for i in range(files):
-        pq.write_table(
-            table.slice(i * per_file, per_file),
-            os.path.join(root, contract.VECTORS_DIR, f"part-{i:05d}.parquet"),
-            row_group_size=row_group_size,
-        )
+        relative = f"{run_dir}/{contract.VECTORS_DIR}/part-{i:05d}.parquet"
+        part = table.slice(i * per_file, per_file)
+        pq.write_table(part, os.path.join(root, relative), row_group_size=row_group_size)
+        listed.append({"path": relative, "bytes": os.path.getsize(os.path.join(root, relative)), "rows": part.num_rows})
+    # A stray Parquet file beside the run's: a reader following the manifest never reads it.
+    pq.write_table(table.slice(0, 1), os.path.join(root, run_dir, contract.VECTORS_DIR, "stray.parquet"))
     with open(os.path.join(root, contract.MANIFEST_FILE), "w") as f:
-        json.dump({"options": {"grid": grid, "dim": DIM}}, f)
+        json.dump({"run_dir": run_dir, "files": listed, "options": {"grid": grid, "dim": DIM}}, f)
     return str(root)
 
 
@@ -103,9 +109,11 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     os.remove(os.path.join(run, contract.MANIFEST_FILE))
     with pytest.raises(ValueError, match="not a finished EmbeddingStats run"):
         data.read_manifest(run)
-    os.makedirs(tmp_path / "empty")
-    with pytest.raises(ValueError, match="no vectors"):
-        data.vector_files(str(tmp_path / "empty"))
+    empty = write_run(tmp_path / "empty", [])
+    manifest = json.loads((tmp_path / "empty" / contract.MANIFEST_FILE).read_text())
+    (tmp_path / "empty" / contract.MANIFEST_FILE).write_text(json.dumps({**manifest, "files": []}))
+    with pytest.raises(ValueError, match="lists no vectors files"):
+        data.vector_files(empty)
 
 
 def test_split_is_a_fixed_hash_of_the_id():

@@ -107,8 +107,8 @@ def test_train_on_ram_uris_equals_local_run(stats_run, tmp_path, ram_root, monke
     local_stats = stats_run.output_dir
     ram_stats, ram_out = f"{ram_root}/stats/date=2024-01-01", f"{ram_root}/models/date=2024-01-01"
     copied = copy_tree(local_stats, ram_stats)
-    assert contract.MANIFEST_FILE in copied and any(p.startswith(contract.TRANSFORM_GRAPH_DIR) for p in copied)
-    assert any(p.startswith(contract.VECTORS_DIR) and p.endswith(".parquet") for p in copied)
+    assert contract.MANIFEST_FILE in copied and any(f"/{contract.TRANSFORM_GRAPH_DIR}/" in p for p in copied)
+    assert any(f"/{contract.VECTORS_DIR}/" in p and p.endswith(".parquet") for p in copied)
 
     local_out = str(tmp_path / "local_model")
     assert train_entry.run(["--stats", local_stats, "--output", local_out, *TRAIN_ARGS]) == 0
@@ -160,5 +160,5 @@ def test_missing_ram_run_is_a_clear_error(ram_root, capsys):
     tf.io.gfile.makedirs(f"{ram_root}/unfinished/{contract.VECTORS_DIR}")
     assert train_entry.run(["--stats", f"{ram_root}/unfinished", "--output", f"{ram_root}/out"]) == 2
     assert "not a finished EmbeddingStats run" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="no vectors/"):
+    with pytest.raises(ValueError, match="not a finished EmbeddingStats run"):
         data.vector_files(f"{ram_root}/unfinished")

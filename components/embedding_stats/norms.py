@@ -23,31 +23,45 @@ def box_tensor_adapter_config(grid: contract.GridSpec):
 
 
 class AnalyzeNorms(beam.PTransform):
-    """Box record batches -> transform_fn: tf.Transform's analyze phase (full-pass statistics).
+    """Box record batches -> transform_fn: tf.Transform's analyze phase (full-pass statistics)."""
 
-    Writes the transform graph (with the raw box schema under `metadata/`) to `transform_graph_dir`.
-    """
-
-    def __init__(self, grid, *, normalize, center, norm_buckets, batch_size, temp_dir, transform_graph_dir):
+    def __init__(self, grid, *, normalize, center, norm_buckets, batch_size, temp_dir):
         super().__init__()
         self._grid = grid
         self._fn = pp.make_preprocessing_fn(normalize=normalize, center=center, norm_buckets=norm_buckets)
         self._batch_size = batch_size
         self._temp_dir = temp_dir
-        self._transform_graph_dir = transform_graph_dir
 
     def expand(self, batches):
         import tensorflow_transform.beam as tft_beam
-        from tensorflow_transform.tf_metadata import dataset_metadata
 
         config = box_tensor_adapter_config(self._grid)
         with tft_beam.Context(temp_dir=self._temp_dir, desired_batch_size=self._batch_size):
-            transform_fn = (batches, config) | "Analyze" >> tft_beam.AnalyzeDataset(self._fn)
-            _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(self._transform_graph_dir)
-            _ = (dataset_metadata.DatasetMetadata(contract.box_schema(self._grid))
-                 | "WriteRawMetadata" >> tft_beam.WriteMetadata(
-                     FileSystems.join(self._transform_graph_dir, "metadata"), batches.pipeline))
-        return transform_fn
+            return (batches, config) | "Analyze" >> tft_beam.AnalyzeDataset(self._fn)
+
+
+class WriteTransformGraph(beam.PTransform):
+    """pipeline -> the transform graph `transform_fn` under `directory`, the raw box schema under `metadata/`.
+
+    Applied to the pipeline (tf.Transform's transform_fn is not a plain PValue); returns a
+    PCollection that is complete once every file is written (for the commit's barrier).
+    """
+
+    def __init__(self, grid, transform_fn, directory: str):
+        super().__init__()
+        self._grid = grid
+        self._transform_fn = transform_fn
+        self._directory = directory
+
+    def expand(self, pbegin):
+        import tensorflow_transform.beam as tft_beam
+        from tensorflow_transform.tf_metadata import dataset_metadata
+
+        graph = self._transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(self._directory)
+        raw_metadata = (dataset_metadata.DatasetMetadata(contract.box_schema(self._grid))
+                        | "WriteRawMetadata" >> tft_beam.WriteMetadata(
+                            FileSystems.join(self._directory, "metadata"), pbegin.pipeline))
+        return (graph, raw_metadata) | "Written" >> beam.Flatten()
 
 
 class TransformNorms(beam.PTransform):

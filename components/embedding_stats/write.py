@@ -116,7 +116,10 @@ class WriteTableFused(beam.PTransform):
 
 
 class WriteOutputs(beam.PTransform):
-    """Writes vectors/, examples/, dead_letter/ Parquet and summary.json / summary.parquet under `output_dir`."""
+    """Writes vectors/, examples/, dead_letter/ Parquet and summary.json / summary.parquet under `output_dir`.
+
+    Returns one PCollection per write, each complete once its files are (for the commit's barrier).
+    """
 
     def __init__(self, output_dir: str):
         super().__init__()
@@ -125,10 +128,13 @@ class WriteOutputs(beam.PTransform):
     def expand(self, inputs):
         vectors, examples, dead, summary = inputs
         out = self._output_dir
-        _ = vectors | "WriteVectors" >> WriteTableFused(FileSystems.join(out, contract.VECTORS_DIR), contract.VECTORS_SCHEMA)
-        _ = examples | "WriteExamples" >> WriteTable(FileSystems.join(out, contract.EXAMPLES_DIR), contract.EXAMPLES_SCHEMA, True)
         dead_tables = (dead | "BatchDead" >> beam.BatchElements(min_batch_size=1, max_batch_size=TABLE_BATCH_ROWS)
                        | "DeadTable" >> beam.Map(_rows_to_table))
-        _ = dead_tables | "WriteDeadLetter" >> WriteTable(
-            FileSystems.join(out, contract.DEAD_LETTER_DIR), contract.DEAD_LETTER_SCHEMA, False)
-        return summary | "WriteSummary" >> beam.Map(_write_summary, out)
+        return (
+            vectors | "WriteVectors" >> WriteTableFused(FileSystems.join(out, contract.VECTORS_DIR), contract.VECTORS_SCHEMA),
+            examples | "WriteExamples" >> WriteTable(
+                FileSystems.join(out, contract.EXAMPLES_DIR), contract.EXAMPLES_SCHEMA, True),
+            dead_tables | "WriteDeadLetter" >> WriteTable(
+                FileSystems.join(out, contract.DEAD_LETTER_DIR), contract.DEAD_LETTER_SCHEMA, False),
+            summary | "WriteSummary" >> beam.Map(_write_summary, out),
+        )

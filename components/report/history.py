@@ -14,7 +14,7 @@ import re
 
 from components.report import alerts as alerts_lib
 from components.report import storage
-from components.report.run_data import RunDataError, read_json
+from components.report.run_data import RunDataError, read_json, read_summary
 from schemas import contract
 
 PARTITION_PREFIX = "date="
@@ -84,8 +84,7 @@ def load_history(root: str, current_dir: str, current_date: str | None) -> Histo
         if storage.same_location(run_dir, current_dir):
             continue
         try:
-            read_json(manifests[0])
-            summary = read_json(storage.join(run_dir, contract.SUMMARY_FILE))
+            summary = read_summary(run_dir, read_json(manifests[0]))
         except RunDataError as error:
             skipped.append(f"{partition}: {error}")
             continue

@@ -65,9 +65,28 @@ def read_json(path: str) -> dict:
     return value
 
 
-def read_table(directory: str, schema: pa.Schema, columns) -> pa.Table:
-    """Reads `columns` of every Parquet file under `directory` (empty table when none)."""
-    files = storage.match(storage.join(directory, "*.parquet"))
+def listed_files(output_dir: str, manifest: dict, item: str) -> list[str]:
+    """The committed files of `item` (a table or a file of the run), as its manifest lists them."""
+    try:
+        return contract.listed_files(output_dir, manifest, item)
+    except (KeyError, TypeError, ValueError) as error:
+        raise RunDataError(f"{storage.join(output_dir, contract.MANIFEST_FILE)}: cannot list {item}: {error}") from None
+
+
+def read_summary(output_dir: str, manifest: dict) -> dict:
+    """The committed run's summary.json, checked for the contract's keys."""
+    paths = listed_files(output_dir, manifest, contract.SUMMARY_FILE)
+    if not paths:
+        raise RunDataError(f"the {contract.MANIFEST_FILE} of {output_dir} lists no {contract.SUMMARY_FILE}")
+    summary = read_json(paths[0])
+    missing = [key for key in contract.SUMMARY_KEYS if key not in summary]
+    if missing:
+        raise RunDataError(f"{contract.SUMMARY_FILE} in {output_dir} lacks keys {missing}")
+    return summary
+
+
+def read_table(files: list[str], schema: pa.Schema, columns) -> pa.Table:
+    """Reads `columns` of the Parquet `files` (empty table when none)."""
     wanted = pa.schema([schema.field(name) for name in columns])
     if not files:
         return wanted.empty_table()
@@ -78,10 +97,9 @@ def read_table(directory: str, schema: pa.Schema, columns) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def sample_table(directory: str, schema: pa.Schema, columns, max_rows: int, seed: int = SAMPLE_SEED):
-    """(uniform sample of at most `max_rows` rows of `columns`, total rows) of the Parquet files
-    under `directory`, streamed batch by batch: memory is bounded by the sample, not the table."""
-    files = storage.match(storage.join(directory, "*.parquet"))
+def sample_table(files: list[str], schema: pa.Schema, columns, max_rows: int, seed: int = SAMPLE_SEED):
+    """(uniform sample of at most `max_rows` rows of `columns`, total rows) of the Parquet `files`,
+    streamed batch by batch: memory is bounded by the sample, not the table."""
     wanted = pa.schema([schema.field(name) for name in columns])
     counts = []
     for path in files:
@@ -118,13 +136,10 @@ def load_run(output_dir: str, model_dir: str | None = None) -> RunData:
     if not storage.exists(manifest_path):
         raise RunDataError(f"{output_dir} has no {contract.MANIFEST_FILE}: the run did not finish")
     manifest = read_json(manifest_path)
-    summary = read_json(storage.join(output_dir, contract.SUMMARY_FILE))
-    missing = [key for key in contract.SUMMARY_KEYS if key not in summary]
-    if missing:
-        raise RunDataError(f"{contract.SUMMARY_FILE} in {output_dir} lacks keys {missing}")
-    vectors, vectors_total = sample_table(storage.join(output_dir, contract.VECTORS_DIR), contract.VECTORS_SCHEMA,
-                                          VECTOR_COLUMNS, MAX_PLOTTED_BOXES)
-    examples = read_table(storage.join(output_dir, contract.EXAMPLES_DIR), contract.EXAMPLES_SCHEMA,
+    summary = read_summary(output_dir, manifest)
+    vectors, vectors_total = sample_table(listed_files(output_dir, manifest, contract.VECTORS_DIR),
+                                          contract.VECTORS_SCHEMA, VECTOR_COLUMNS, MAX_PLOTTED_BOXES)
+    examples = read_table(listed_files(output_dir, manifest, contract.EXAMPLES_DIR), contract.EXAMPLES_SCHEMA,
                           EXAMPLE_COLUMNS)
     model = find_model_dir(output_dir, model_dir)
     metrics = None

@@ -49,11 +49,16 @@ def read_manifest(stats_dir: str) -> dict:
 
 
 def vector_files(stats_dir: str) -> list[str]:
-    """Sorted `vectors/*.parquet` files of a run; raises when there are none."""
-    paths = fileio.glob(os.path.join(stats_dir, contract.VECTORS_DIR, "*.parquet"))
+    """The `vectors` Parquet files the run's manifest lists (the reader rule), sorted; raises when none."""
+    paths = contract.listed_files(stats_dir, read_manifest(stats_dir), contract.VECTORS_DIR)
     if not paths:
-        raise ValueError(f"{stats_dir!r} has no {contract.VECTORS_DIR}/*.parquet files")
+        raise ValueError(f"{stats_dir!r}: its {contract.MANIFEST_FILE} lists no {contract.VECTORS_DIR} files")
     return paths
+
+
+def transform_graph_dir(stats_dir: str) -> str:
+    """The committed run's tf.Transform output directory."""
+    return contract.run_path(stats_dir, read_manifest(stats_dir), contract.TRANSFORM_GRAPH_DIR)
 
 
 def embedding_dim(stats_dirs: Sequence[str]) -> int:

@@ -63,7 +63,7 @@ def check_transform_graph(stats_dir: str, grid: contract.GridSpec) -> None:
     """
     import tensorflow_transform as tft
 
-    path = os.path.join(stats_dir, contract.TRANSFORM_GRAPH_DIR)
+    path = data.transform_graph_dir(stats_dir)
     try:
         found = tft.TFTransformOutput(path).raw_feature_spec()
     except (OSError, ValueError, tf.errors.OpError) as error:  # absent or unreadable metadata
@@ -254,7 +254,7 @@ class Executor:
         """SavedModel: raw embeddings -> first run's transform graph -> head (see model.ServingModule)."""
         import tensorflow_transform as tft
 
-        tft_output = tft.TFTransformOutput(os.path.join(self.spec.stats_dirs[0], contract.TRANSFORM_GRAPH_DIR))
+        tft_output = tft.TFTransformOutput(data.transform_graph_dir(self.spec.stats_dirs[0]))
         serving = model.ServingModule(head, tft_output, grid)
         serving.save(self.spec.saved_model_dir)
         return self.spec.saved_model_dir
