@@ -323,3 +323,21 @@ def test_reader_never_blocks_on_a_fifo(tmp_path):
             assert_that(read.records, equal_to([]), label="records")
     finally:
         watchdog.cancel()
+
+
+def test_option_values_at_their_limits_are_one_line_errors_before_any_work(edge_input, tmp_path, capsys):
+    out = tmp_path / "o"
+    base = ["--input", edge_input["extremes"], "--output", str(out)]
+    cases = {
+        "--margin": [["--margin", "inf"], ["--margin", "nan"], ["--margin", "1e30"]],
+        "--batch-size": [["--batch-size", "0"], ["--batch-size", str(10**12)]],
+        "--norm-buckets": [["--norm-buckets", "100000"]],
+        "--histogram-bins": [["--histogram-bins", str(10**9)]],
+        "a tf.train.Example can hold": [["--grid", "65536,65536,65536,65536"], ["--grid", "1,1,1,1", "--dim", str(2**40)]],
+        "threshold min_auc": [["--threshold", "min_auc=nan"]],
+    }
+    for expected, variants in cases.items():
+        for flags in variants:
+            code, err = _cli([*base, *flags], capsys)
+            assert code == entry.EXIT_USAGE and expected in err and "\n" not in err, (flags, code, err)
+    assert not out.exists()

@@ -18,6 +18,8 @@ from apache_beam.options.pipeline_options import (
 )
 
 from components import triplet_loss
+from components.embedding_stats.preprocessing import QUANTILE_EPSILON
+from components.embedding_stats.read import MAX_RECORD_BYTES
 from schemas import contract
 
 DEFAULT_MARGIN = 0.2
@@ -25,6 +27,19 @@ DEFAULT_DISTANCE = "euclidean"
 DEFAULT_BATCH_SIZE = 16  # examples per loss-graph call and per Arrow record batch
 DEFAULT_NORM_BUCKETS = 10  # quantile buckets of the L2 norm (l2_norm_bucket in 0..9)
 DEFAULT_HISTOGRAM_BINS = 200  # fixed bins of the pair-distance histograms
+# Limits of option values (checked up front, one-line error, exit 2):
+# every distance is capped at DISTANCE_CAP, so a larger margin only adds a constant to every
+# loss, and with it could overflow the float32 loss sums.
+MAX_MARGIN = triplet_loss.DISTANCE_CAP
+# --batch-size is tf.Transform's desired batch (rows of boxes): 2^16 rows of the seed dim (100
+# floats) are 26 MB per tensor; the loss graph is cut into bounded calls whatever the value.
+MAX_BATCH_SIZE = 1 << 16
+# Finer buckets than the quantile sketch's accuracy (QUANTILE_EPSILON) would be noise.
+MAX_NORM_BUCKETS = round(1 / QUANTILE_EPSILON)
+# summary.json lists every bin of two histograms, and every batch's partial summary carries them.
+MAX_HISTOGRAM_BINS = 1 << 16
+# A tf.train.Example holding more floats would exceed protobuf's 2 GiB: no record could match.
+MAX_EMBEDDINGS_LENGTH = MAX_RECORD_BYTES // 4  # 4 bytes per packed float
 # The local runner used when none (or plain DirectRunner) is named: FnApiRunner never
 # tries to download the Prism binary, and honours --direct_running_mode/--direct_num_workers.
 LOCAL_RUNNER = "FnApiRunner"
@@ -80,14 +95,30 @@ def validate_options(options: PipelineOptions) -> contract.GridSpec:
     if not opts.output:
         raise ValueError("--output is required (a directory)")
     grid = grid_spec(opts)
-    if not (math.isfinite(opts.margin) and opts.margin >= 0):
-        raise ValueError(f"--margin must be a finite number >= 0, got {opts.margin}")
+    if grid.embeddings_length > MAX_EMBEDDINGS_LENGTH:
+        raise ValueError(f"--grid {opts.grid} --dim {opts.dim}: {grid.embeddings_length} floats per record, more than "
+                         f"the {MAX_EMBEDDINGS_LENGTH} a tf.train.Example can hold")
+    if not (math.isfinite(opts.margin) and 0 <= opts.margin <= MAX_MARGIN):
+        raise ValueError(f"--margin must be a finite number in [0, {MAX_MARGIN:.4g}] (the distance cap), "
+                         f"got {opts.margin}")
     if opts.distance not in triplet_loss.DISTANCES:
         raise ValueError(f"--distance must be one of {', '.join(triplet_loss.DISTANCES)}, got {opts.distance!r}")
-    for name in ("batch_size", "norm_buckets", "histogram_bins"):
-        if getattr(opts, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+    for name, limit in (("batch_size", MAX_BATCH_SIZE), ("norm_buckets", MAX_NORM_BUCKETS),
+                        ("histogram_bins", MAX_HISTOGRAM_BINS)):
+        if not 1 <= getattr(opts, name) <= limit:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [1, {limit}], got {getattr(opts, name)}")
+    _check_thresholds(opts.threshold)
     return grid
+
+
+def _check_thresholds(pairs) -> None:
+    """--threshold NAME=VALUE values, checked by the report's own parser before any work."""
+    from components.report.alerts import parse_overrides
+
+    try:
+        parse_overrides(list(pairs or ()))
+    except (TypeError, ValueError) as error:
+        raise ValueError(str(error)) from None
 
 
 def use_local_runner_by_default(options: PipelineOptions) -> None:
