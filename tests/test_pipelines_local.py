@@ -12,22 +12,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from components.embedding_stats.commit import read_manifest
 from components.embedding_stats.statistics import FAULT_ENV  # the pair-statistics DoFn's test-only fault switch
 from pipelines import embedding_stats, nightly
-from components.embedding_stats.commit import read_manifest
 from schemas import contract
+from tests import beam_services
 
 WORKERS = 2
-POOL_START_TIMEOUT_S = 60
 MULTI_PROCESS_FLAGS = ("--direct_running_mode=multi_processing", f"--direct_num_workers={WORKERS}")
 # How each table's rows are identified (row order is not part of the output).
 ROW_KEYS = {
@@ -87,37 +83,11 @@ def leftovers(output_dir) -> list[str]:
     return sorted(found)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def worker_pool():
     """Beam's worker pool on a free port, started from this venv (its workers run `python` from PATH)."""
-    port = _free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    pool = subprocess.Popen(
-        [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + POOL_START_TIMEOUT_S
-        while True:
-            try:
-                socket.create_connection(("localhost", port), timeout=1).close()
-                break
-            except OSError:
-                assert pool.poll() is None, "the worker pool exited at start-up"
-                assert time.monotonic() < deadline, "the worker pool did not listen in time"
-                time.sleep(0.2)
-        yield f"localhost:{port}"
-    finally:
-        pool.terminate()
-        try:
-            pool.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pool.kill()
+    with beam_services.worker_pool() as address:
+        yield address
 
 
 def test_multi_process_runner_gives_the_default_runners_tables(stats_run, tmp_path):

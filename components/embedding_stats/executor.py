@@ -209,4 +209,5 @@ def _job_id(result) -> str | None:
     try:
         return result.job_id()
     except (AttributeError, NotImplementedError):
-        return None
+        # Beam's portable runner keeps the job service's id without a public accessor.
+        return getattr(result, "_job_id", None)

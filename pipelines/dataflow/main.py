@@ -13,4 +13,5 @@ from pipelines import embedding_stats
 
 if __name__ == "__main__":
     logging.getLogger().setLevel(logging.INFO)  # the launcher forwards the log to the job's page
-    sys.exit(embedding_stats.run(sys.argv[1:]))
+    # The launcher stops once the job is created: never wait, the job commits its output itself.
+    sys.exit(embedding_stats.run(["--no-wait", *sys.argv[1:]]))
