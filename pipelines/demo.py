@@ -29,6 +29,7 @@ def run(argv=None) -> int:
     code = embedding_stats.run(["--input", os.path.join(input_dir, "*"), "--output", output_dir,
                                 "--runner", "FnApiRunner", *extra])
     if code == embedding_stats.EXIT_OK:
-        print(f"demo: outputs under {output_dir}: vectors/, examples/, dead_letter/ (Parquet), summary.json "
-              "(and .parquet), report.html, transform_graph/, MANIFEST.json")
+        print(f"demo: outputs under {output_dir}: MANIFEST.json (the committed run and its files: vectors/, "
+              "examples/, dead_letter/ (Parquet), summary.json (and .parquet), transform_graph/ under runs/), "
+              "report.html")
     return code
