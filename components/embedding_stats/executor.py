@@ -87,6 +87,15 @@ def check_output(output: str) -> None:
         raise InputError(f"--output {output!r} is not writable")
 
 
+def check_input_outside_output(pattern: str, files, output_dir: str) -> None:
+    """InputError when the input glob matches files under the output: the run would read its own outputs."""
+    root = os.path.abspath(output_dir) if is_local(output_dir) else output_dir
+    inside = [path for path in files if (os.path.abspath(path) if is_local(path) else path).startswith(root + "/")]
+    if inside:
+        raise InputError(f"--input {pattern!r} matches {len(inside)} file(s) under --output {output_dir!r} "
+                         f"(e.g. {inside[0]}): a run must not read its own outputs; narrow the glob or move the output")
+
+
 def check_beam_options(options) -> None:
     """InputError listing every reason when Beam's own validation of the options fails (as the runner would)."""
     from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
@@ -168,6 +177,7 @@ def execute(options, wait: bool = True) -> RunResult:
     files = (opts.input,) if dry_run and not is_local(opts.input) else expand_input(opts.input)
     output_dir = opts.output.rstrip("/")
     check_output(output_dir)
+    check_input_outside_output(opts.input, files, output_dir)
     use_local_runner_by_default(options)
     check_beam_options(options)
     stage_project_code(options)
