@@ -1,19 +1,28 @@
-"""Benchmark components.triplet_loss: time and peak memory of the loss graph vs boxes.
+"""Benchmark components.triplet_loss against a numpy sort-and-prefix-sum batch-all, in one run.
 
-For each case (boxes x label pattern) a fresh subprocess builds one tf.function that
-computes all three triplet_loss minings (summed) plus triplet_statistics, and times it
-warm, forward only and forward+backward.  Peak memory is the growth of ru_maxrss over
-the process's own baseline after importing TensorFlow (tracemalloc cannot see TF).
-Where it fits (boxes^3 * 8 bytes <= 2 GB) a vectorised O(boxes^3) float64 numpy
-reference computes the same three losses, for its time and the largest difference.
+Targets (issue 13), N = 1,690 boxes (the seed grid), dim 100, L2-normalized, margin 0.2:
+all three losses + statistics, forward+backward, within 2x of the numpy batch-all forward
+(`numpy_batch_all`, written below: each anchor's negatives sorted, prefix sums, searchsorted),
+for both label patterns; batch-all alone forward+backward within 1.5x; peak memory under
+300 MB.  Also the shapes the other components use: a batch of 16 padded sets, dense
+(1,690 boxes) and sparse (85 valid boxes padded to 96, as the pipeline pads), in sets/s.
 
-    .venv/bin/python bench/bench_loss.py            # full table (~2-3 minutes)
-    .venv/bin/python bench/bench_loss.py --boxes 128 512 --reps 3
+Each case runs in a fresh subprocess (peak memory = growth of ru_maxrss over the process
+after importing TensorFlow).  Inside it the measurements are interleaved, `--repeats`
+rounds, and each keeps its fastest and median round: the machine is shared, so ratios are
+taken within one process, of the fastest rounds.  `--module PATH` times another version
+of the loss module (e.g. `git show REV:components/triplet_loss.py > /tmp/old.py`) in the
+same run, for before/after figures.
+
+    .venv/bin/python bench/bench_loss.py                       # ~3 minutes on 2 cores
+    .venv/bin/python bench/bench_loss.py --module /tmp/old.py  # adds the old module's rows
+    .venv/bin/python bench/bench_loss.py --device GPU          # on a GPU machine (gpu_trainer.sh)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -25,158 +34,195 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 100
+BOXES = 1690  # the seed grid: 2 x 13 x 13 x 5
 SEED_POSITIVES = 36  # the seed grid: 36 boxes labelled 1, the rest 0
 IDENTITIES = 20
 MARGIN = 0.2
-REFERENCE_LIMIT_BYTES = 2 * 1024**3  # skip the O(n^3) reference above this
+BATCH = 16  # the Trainer's and the pipeline's batch of padded sets
+SPARSE_BOXES, SPARSE_PADDED = 85, 96  # ~5% of the grid's boxes hold an object; padded as the pipeline pads
+NORM_EPS = 1e-12
+TARGET_ALL, TARGET_BATCH_ALL, TARGET_PEAK_MB = 2.0, 1.5, 300.0
 
 
-def make_case(pattern, boxes, seed=0):
-    rng = np.random.default_rng(seed)
-    emb = rng.normal(size=(1, boxes, DIM)).astype(np.float32)
+def make_labels(pattern, boxes, rng):
     if pattern == "seed":
-        labels = np.zeros((1, boxes), np.int32)
-        labels[0, rng.choice(boxes, min(SEED_POSITIVES, boxes), replace=False)] = 1
-    else:
-        labels = rng.integers(0, IDENTITIES, size=(1, boxes)).astype(np.int32)
-    return emb, labels
+        labels = np.zeros(boxes, np.int32)
+        labels[rng.choice(boxes, min(SEED_POSITIVES, boxes), replace=False)] = 1
+        return labels
+    return rng.integers(0, IDENTITIES, size=boxes).astype(np.int32)
 
 
-def reference_losses(emb, labels, margin=MARGIN):
-    """Vectorised brute force (float64, O(n^3) memory): batch-all, batch-hard, semi-hard."""
-    x = emb[0].astype(np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    d = np.sqrt(np.maximum(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1), 0.0))
-    lab = labels[0]
-    valid = lab >= 0
-    same = (lab[:, None] == lab[None, :]) & valid[:, None] & valid[None, :]
-    pos = same & ~np.eye(len(lab), dtype=bool)
-    neg = ~same & valid[:, None] & valid[None, :]
-    hinge = d[:, :, None] - d[:, None, :] + margin  # [a, p, n]
-    mask = pos[:, :, None] & neg[:, None, :]
-    active = mask & (hinge > 0)
-    batch_all = hinge[active].sum() / max(active.sum(), 1)
-    del active
-    hardest_pos = np.where(pos, d, -np.inf).max(1)
-    hardest_neg = np.where(neg, d, np.inf).min(1)
-    anchors = pos.any(1) & neg.any(1)
-    batch_hard = np.maximum(hardest_pos - hardest_neg + margin, 0)[anchors].mean()
-    d_an = np.broadcast_to(d[:, None, :], hinge.shape)
-    farther = np.where(mask & (d_an > d[:, :, None]), d_an, np.inf).min(-1)
-    farthest = np.where(neg, d, -np.inf).max(1)[:, None]
-    chosen = np.where(np.isfinite(farther), farther, farthest)
-    pairs = pos & neg.any(1)[:, None]
-    semi_hard = np.maximum(d - chosen + margin, 0)[pairs].mean()
-    return float(batch_all), float(batch_hard), float(semi_hard)
+def make_batch(pattern, sets, boxes, padded, seed=0):
+    """[sets, padded, DIM] float32 embeddings and [sets, padded] labels (-1 padding)."""
+    rng = np.random.default_rng(seed)
+    emb = np.zeros((sets, padded, DIM), np.float32)
+    lab = np.full((sets, padded), -1, np.int32)
+    for b in range(sets):
+        emb[b, :boxes] = rng.normal(size=(boxes, DIM))
+        lab[b, :boxes] = make_labels(pattern, boxes, rng)
+    return emb, lab
 
 
-def timed(fn, reps):
-    """Median wall seconds and median process CPU seconds (all threads) of warm calls."""
-    fn()  # warm (trace + first run)
-    wall, cpu = [], []
-    for _ in range(reps):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return float(np.median(wall)), float(np.median(cpu))
+def numpy_batch_all(emb, labels, margin=MARGIN):
+    """Exact batch-all loss of one set, forward only, in numpy (float32): the baseline.
+
+    Distances from the Gram matrix; each anchor's negatives sorted (non-negatives at +inf)
+    with prefix sums; for each positive pair, v = d(a,p) + margin, k = #negatives below v by
+    one flat searchsorted (rows offset so the concatenation is sorted), hinge sum
+    k v - prefix[k]; the loss is the hinge sum over the active-triplet count.
+    """
+    x = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), NORM_EPS)
+    sq = (x * x).sum(axis=1)
+    d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0))
+    n = len(labels)
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~np.eye(n, dtype=bool)
+    srt = np.sort(np.where(same, np.inf, d), axis=1)
+    finite = np.isfinite(srt)
+    prefix = np.concatenate([np.zeros((n, 1), np.float32), np.cumsum(np.where(finite, srt, 0.0), axis=1)], axis=1)
+    row_span = 2.0 * (2.0 + margin)  # > any distance + margin: offset rows never overlap
+    offset = (np.arange(n, dtype=np.float64) * row_span)[:, None]
+    flat = (np.where(finite, srt, 2.0 + margin + 1.0) + offset).ravel()
+    anchors, _ = np.nonzero(pos)
+    v = (d + margin)[pos]
+    k = np.searchsorted(flat, v + offset[anchors, 0], side="left") - anchors * n
+    hinge_sum = float((k * v - prefix[anchors, k]).sum())
+    return hinge_sum / max(int(k.sum()), 1)
 
 
-def run_case(pattern, boxes, reps):
-    """One case in this (fresh) process; returns a dict of results."""
+def load_module(path):
     sys.path.insert(0, ROOT)
+    if not path:
+        from components import triplet_loss
+
+        return triplet_loss
+    spec = importlib.util.spec_from_file_location("triplet_loss_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_case(args):
+    """Time one label pattern (or the batch shapes) in this fresh process; returns a dict."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
 
-    from components.triplet_loss import MINING, triplet_loss, triplet_statistics
-
-    tf.constant(0.0) + 1.0  # initialise the runtime before the baseline
+    T = load_module(args.module)
+    device = "/GPU:0" if args.device == "GPU" else "/CPU:0"
+    tf.constant(0.0) + 1.0  # initialise the runtime before the memory baseline
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    emb, labels = make_case(pattern, boxes)
-    x, lab = tf.constant(emb), tf.constant(labels)
+    pattern = args.case
+    if pattern in ("dense16", "sparse16"):
+        boxes, padded = (BOXES, BOXES) if pattern == "dense16" else (SPARSE_BOXES, SPARSE_PADDED)
+        emb, lab = make_batch("seed" if pattern == "dense16" else "identities", BATCH, boxes, padded)
+    else:
+        emb, lab = make_batch(pattern, 1, args.boxes, args.boxes)
+    with tf.device(device):
+        x, labels = tf.constant(emb), tf.constant(lab)
 
-    def all_losses(e):
-        total = tf.add_n([triplet_loss(e, lab, mining=m, margin=MARGIN) for m in MINING])
-        return total, triplet_statistics(e, lab, margin=MARGIN)
+    def fwd_bwd(minings, with_stats):
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                total = tf.add_n([T.triplet_loss(x, labels, mining=m, margin=MARGIN) for m in minings])
+            out = [total, tape.gradient(total, x)]
+            if with_stats:
+                out += list(T.triplet_statistics(x, labels, margin=MARGIN).values())
+            return out
+
+        return step
 
     @tf.function
-    def forward():
-        total, stats = all_losses(x)
-        return total, [stats[k] for k in ("batch_all_loss", "batch_hard_loss", "semi_hard_loss")]
+    def statistics():
+        return T.triplet_statistics(x, labels, margin=MARGIN)
 
-    @tf.function
-    def forward_backward():
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            total, stats = all_losses(x)
-        return total, tape.gradient(total, x), stats  # stats returned so they are not pruned
-
-    t_fwd, _ = timed(lambda: [t.numpy() for t in tf.nest.flatten(forward())], reps)
-    t_bwd, cpu_bwd = timed(lambda: [t.numpy() for t in tf.nest.flatten(forward_backward())], reps)
+    steps = {"all": fwd_bwd(T.MINING, True)}
+    if pattern in ("dense16", "sparse16"):
+        steps["statistics"] = statistics
+    else:
+        steps["batch_all"] = fwd_bwd(["batch_all"], False)
+        steps["batch_hard"] = fwd_bwd(["batch_hard"], False)
+    with tf.device(device):
+        for step in steps.values():  # trace and warm
+            tf.nest.map_structure(lambda t: t.numpy(), step())
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_kb) / 1024
-    got = [float(v.numpy()[0]) for v in forward()[1]]
-    _, grad, _ = forward_backward()
-    result = dict(
-        pattern=pattern,
-        boxes=boxes,
-        fwd_s=t_fwd,
-        fwd_bwd_s=t_bwd,
-        fwd_bwd_cpu_s=cpu_bwd,
-        peak_mb=peak_mb,
-        grad_finite=bool(np.isfinite(grad.numpy()).all()),
-        ref_s=None,
-        max_diff=None,
-        losses=got,
-    )
-    if boxes**3 * 8 <= REFERENCE_LIMIT_BYTES:
-        start = time.perf_counter()
-        want = reference_losses(emb, labels)
-        result["ref_s"] = time.perf_counter() - start
-        result["max_diff"] = float(np.max(np.abs(np.array(got) - np.array(want))))
+    rounds = {name: [] for name in steps}
+    if pattern not in ("dense16", "sparse16"):
+        rounds["numpy"] = []
+        numpy_batch_all(emb[0], lab[0])  # warm
+    for _ in range(args.repeats):
+        for name in rounds:
+            start = time.perf_counter()
+            if name == "numpy":
+                numpy_value = numpy_batch_all(emb[0], lab[0])
+            else:
+                with tf.device(device):
+                    tf.nest.map_structure(lambda t: t.numpy(), steps[name]())
+            rounds[name].append(time.perf_counter() - start)
+    result = dict(case=pattern, peak_mb=peak_mb, fastest={k: min(v) for k, v in rounds.items()},
+                  median={k: float(np.median(v)) for k, v in rounds.items()})
+    if "numpy" in rounds:
+        with tf.device(device):
+            got = float(T.triplet_loss(x, labels, mining="batch_all", margin=MARGIN))
+        result["batch_all_diff"] = abs(got - numpy_value)
     return result
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--boxes", type=int, nargs="+", default=[128, 512, 1024, 1690])
-    parser.add_argument("--patterns", nargs="+", default=["seed", "identities"], choices=["seed", "identities"])
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--case", nargs=2, metavar=("PATTERN", "BOXES"), help=argparse.SUPPRESS)
+    parser.add_argument("--boxes", type=int, default=BOXES)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--cases", nargs="+", default=["seed", "identities", "dense16", "sparse16"],
+                        choices=["seed", "identities", "dense16", "sparse16"])
+    parser.add_argument("--module", default=None, help="another version of components/triplet_loss.py, also timed")
+    parser.add_argument("--device", default="CPU", choices=["CPU", "GPU"])
+    parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.reps)))
+        print(json.dumps(run_case(args)))
         return
 
-    rows = []
-    for pattern in args.patterns:
-        for boxes in args.boxes:
-            cmd = [sys.executable, os.path.abspath(__file__), "--case", pattern, str(boxes), "--reps", str(args.reps)]
+    modules = [("this", None)] + ([("--module", os.path.abspath(args.module))] if args.module else [])
+    results = []
+    for case in args.cases:
+        for label, path in modules:
+            cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--boxes", str(args.boxes),
+                   "--repeats", str(args.repeats), "--device", args.device] + (["--module", path] if path else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                sys.exit(f"case {pattern} {boxes} failed:\n{proc.stderr[-3000:]}")
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"done {pattern} {boxes}", file=sys.stderr, flush=True)
+                sys.exit(f"case {case} ({label}) failed:\n{proc.stderr[-3000:]}")
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["module"] = label
+            results.append(row)
+            print(f"done {case} ({label})", file=sys.stderr, flush=True)
 
-    print(f"dim {DIM}, margin {MARGIN}, euclidean, normalize; all three minings + statistics in one tf.function;")
-    print(
-        f"median of {args.reps} warm runs; {os.cpu_count()} CPU cores, load average at the end "
-        f"{os.getloadavg()[0]:.1f}; CPU ms = process CPU time of all threads; "
-        "peak = ru_maxrss growth over a fresh process with TF imported\n"
-    )
-    print(
-        "| labels | boxes | fwd ms | fwd+bwd ms | fwd+bwd CPU ms | peak MB "
-        "| numpy O(n^3) ms | numpy / fwd | max abs diff |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        ref = f"{r['ref_s'] * 1000:.0f}" if r["ref_s"] is not None else "skipped (>2 GB)"
-        ratio = f"{r['ref_s'] / r['fwd_s']:.1f}x" if r["ref_s"] is not None else "-"
-        diff = f"{r['max_diff']:.1e}" if r["max_diff"] is not None else "-"
-        assert r["grad_finite"], r
-        print(
-            f"| {r['pattern']} | {r['boxes']} | {r['fwd_s'] * 1000:.0f} | {r['fwd_bwd_s'] * 1000:.0f} "
-            f"| {r['fwd_bwd_cpu_s'] * 1000:.0f} | {r['peak_mb']:.0f} | {ref} | {ratio} | {diff} |"
-        )
+    print(f"{args.device}; {os.cpu_count()} cores; load average at the end {os.getloadavg()[0]:.1f}; dim {DIM}, "
+          f"margin {MARGIN}, euclidean, normalized; fastest of {args.repeats} interleaved rounds (median in brackets)")
+    print(f"\nOne set of {args.boxes} boxes, forward+backward; numpy = sort-and-prefix-sum batch-all, forward only; "
+          f"targets: all <= {TARGET_ALL}x, batch-all <= {TARGET_BATCH_ALL}x numpy, peak < {TARGET_PEAK_MB:.0f} MB\n")
+    print("| labels | module | numpy ms | all three + stats ms | / numpy | batch-all ms | / numpy "
+          "| batch-hard ms | peak MB | batch-all vs numpy |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        if r["case"] in ("dense16", "sparse16"):
+            continue
+        f, m = r["fastest"], r["median"]
+        print(f"| {r['case']} | {r['module']} | {f['numpy'] * 1e3:.0f} ({m['numpy'] * 1e3:.0f}) "
+              f"| {f['all'] * 1e3:.0f} ({m['all'] * 1e3:.0f}) | **{f['all'] / f['numpy']:.2f}x** "
+              f"| {f['batch_all'] * 1e3:.0f} ({m['batch_all'] * 1e3:.0f}) | **{f['batch_all'] / f['numpy']:.2f}x** "
+              f"| {f['batch_hard'] * 1e3:.0f} ({m['batch_hard'] * 1e3:.0f}) | {r['peak_mb']:.0f} "
+              f"| {r['batch_all_diff']:.1e} |")
+    batch_rows = [r for r in results if r["case"] in ("dense16", "sparse16")]
+    if batch_rows:
+        print(f"\nBatches of {BATCH} padded sets (dense: {BOXES} boxes, seed labels; sparse: {SPARSE_BOXES} boxes "
+              f"of {IDENTITIES} identities padded to {SPARSE_PADDED}), sets/s\n")
+        print("| shape | module | all three + stats, fwd+bwd (Trainer) | statistics, forward (pipeline) | peak MB |")
+        print("|---|---|---:|---:|---:|")
+        for r in batch_rows:
+            f, m = r["fastest"], r["median"]
+            print(f"| {r['case']} | {r['module']} | {BATCH / f['all']:.1f} ({BATCH / m['all']:.1f}) "
+                  f"| {BATCH / f['statistics']:.1f} ({BATCH / m['statistics']:.1f}) | {r['peak_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -359,19 +359,33 @@ def _geometry(embeddings, labels, distance, normalize):
     return _Geometry(dist, valid, pos, neg, n_pos, n_neg)
 
 
-_Sorted = collections.namedtuple("_Sorted", ["values", "cols"])
+_Side = collections.namedtuple("_Side", ["sign", "signed", "large", "values", "cols", "count"])
 
 
-def _sorted_negatives(g):
-    """Each anchor's negative distances ascending, with their columns.
+def _small_side(g):
+    """Each anchor's smaller side of its triplets (positives or negatives), sorted.
 
-    values ``[b,n,n]`` (non-negatives pushed to +inf), cols ``[b,n,n]`` int32.  Sorted
-    without gradient: the losses below differentiate through ``g.dist`` directly.
+    A triplet's hinge ``d(a,p) + m - d(a,n)`` reads ``(l + m) - s`` with ``s = d(a,n)``,
+    ``l = d(a,p)`` (small side negatives) or ``s = -d(a,p)``, ``l = -d(a,n)`` (small side
+    positives), so one formula serves both; sorting only the smaller side costs
+    ``O(n^2 log K)`` with ``K`` = the largest smaller side (36 on the seed grid, ~85 with
+    20 identities) instead of a full ``O(n^2 log n)`` sort of every row.
+
+    Returns sign ``[b,n,1]`` (+1: small side = negatives), signed ``sign * d`` ``[b,n,n]``
+    (no gradient), large ``[b,n,n]`` bool (the other side), values ``[b,n,K]`` ascending
+    (+inf past the side's size), cols ``[b,n,K]`` int32 their columns, count ``[b,n]`` sizes.
     """
-    inf = tf.constant(np.inf, tf.float32)
-    keys = tf.where(g.neg, tf.stop_gradient(g.dist), inf)
-    neg_values, cols = tf.math.top_k(-keys, k=tf.shape(keys)[-1], sorted=True)
-    return _Sorted(-neg_values, cols)
+    small_is_neg = g.n_neg <= g.n_pos
+    flip = small_is_neg[:, :, None]
+    small = tf.where(flip, g.neg, g.pos)
+    large = tf.where(flip, g.pos, g.neg)
+    sign = tf.where(flip, tf.constant(1.0), tf.constant(-1.0))
+    signed = sign * tf.stop_gradient(g.dist)
+    count = tf.minimum(g.n_neg, g.n_pos)
+    k = tf.maximum(tf.reduce_max(count), 1)
+    keys = tf.where(small, signed, tf.constant(np.inf, tf.float32))
+    neg_values, cols = tf.math.top_k(-keys, k=k, sorted=True)
+    return _Side(sign, signed, large, -neg_values, cols, count)
 
 
 def _row_counts(index, weight, depth):
@@ -405,33 +419,34 @@ def _loss_bound(distance, normalize, margin):
     return max_distance(distance, normalize) + margin
 
 
-def _batch_all_terms(g, srt, margin):
+def _batch_all_terms(g, side, margin):
     """Exact hinge sum ``[b]`` float32 and active-triplet count ``[b]`` int64 over all triplets.
 
-    Value: per (a, p), with v = d(a,p) + margin and k = #negatives below v (searchsorted),
-    the hinge sum is k * v - (prefix sum of the k smallest negatives).
-    Gradient: the same total equals sum_p k(a,p) d(a,p) - sum_n c(a,n) d(a,n) + const,
-    where c(a,n) = #positives whose cut k exceeds n's sorted rank; differentiating that
-    elementwise form avoids backpropagating through sort and gather (2/3 of the time).
+    Value: per large-side entry ``l`` (see :func:`_small_side`), with ``q = l + margin`` and
+    ``k`` = #small-side values below ``q`` (searchsorted), the hinge sum is
+    ``k * q - (prefix sum of the k smallest)``.
+    Gradient: the same total equals ``sum_large k l - sum_small c s + const``, where ``c`` =
+    #large entries whose cut ``k`` exceeds the small value's rank; differentiating that
+    elementwise form (``l, s = sign * d``) avoids backpropagating through sort and gather.
     """
     n = tf.shape(g.dist)[-1]
-    v = tf.stop_gradient(g.dist) + margin  # [b, a, p]
-    k = tf.searchsorted(srt.values, v, side="left")  # negatives with d(a,n) < v
-    k = tf.where(g.pos, k, tf.zeros_like(k))
-    finite = tf.where(tf.math.is_finite(srt.values), srt.values, tf.zeros_like(srt.values))
-    prefix = tf.pad(tf.cumsum(finite, axis=-1), [[0, 0], [0, 0], [1, 0]])  # [b, a, n+1]
+    width = tf.shape(side.values)[-1]
+    q = side.signed + margin  # [b, a, j]
+    k = tf.searchsorted(side.values, q, side="left")  # small-side values s < q
+    k = tf.where(side.large, k, tf.zeros_like(k))
+    finite = tf.where(tf.math.is_finite(side.values), side.values, tf.zeros_like(side.values))
+    prefix = tf.pad(tf.cumsum(finite, axis=-1), [[0, 0], [0, 0], [1, 0]])  # [b, a, K+1]
     k_float = tf.cast(k, tf.float32)
-    hinge = tf.maximum(k_float * v - tf.gather(prefix, k, batch_dims=2), 0.0)
-    value = _sum_pairs(tf.where(g.pos, hinge, tf.zeros_like(hinge)))
+    hinge = tf.maximum(k_float * q - tf.gather(prefix, k, batch_dims=2), 0.0)
+    value = _sum_pairs(tf.where(side.large, hinge, tf.zeros_like(hinge)))
 
-    # c in sorted order: #positives with k > rank, a suffix sum of the histogram of k.
-    hist = _row_counts(k, tf.cast(g.pos, tf.int32), n + 1)
-    above = tf.cumsum(hist, axis=-1, exclusive=True, reverse=True)[:, :, :n]
-    # Scatter back to column order (cols is a permutation of each row).
-    c = _row_counts(srt.cols, above, n)
-    linear = _sum_pairs(k_float * g.dist - tf.cast(c, tf.float32) * g.dist)
+    # c in sorted order: #large entries with k > rank, a suffix sum of the histogram of k.
+    hist = _row_counts(k, tf.cast(side.large, tf.int32), width + 1)
+    above = tf.cumsum(hist, axis=-1, exclusive=True, reverse=True)[:, :, :width]
+    c = _row_counts(side.cols, above, n)  # back to column order
+    linear = _sum_pairs(side.sign * (k_float - tf.cast(c, tf.float32)) * g.dist)
     hinge_sum = tf.stop_gradient(value) + (linear - tf.stop_gradient(linear))
-    n_active = tf.reduce_sum(tf.cast(k, tf.int64), axis=[1, 2])
+    n_active = tf.reduce_sum(tf.reduce_sum(tf.cast(k, tf.int64), axis=-1), axis=-1)
     return hinge_sum, n_active
 
 
@@ -453,27 +468,88 @@ def _batch_hard_loss(g, margin):
     return tf.math.divide_no_nan(total, count)
 
 
-def _semi_hard_loss(g, srt, margin):
+def _order_key(values, cols):
+    """int64 keys ordered like ``(values, cols)``: float32 bits made monotone, high word; column, low word.
+
+    One segment max / running max of these keys finds a maximum and its column together.
+    """
+    bits = tf.bitcast(values, tf.int32)
+    monotone = tf.where(bits >= 0, bits, tf.bitwise.bitwise_xor(bits, tf.constant(0x7FFFFFFF)))
+    return tf.bitwise.left_shift(tf.cast(monotone, tf.int64), 32) + tf.cast(cols, tf.int64)
+
+
+def _key_value_and_col(keys):
+    """Inverse of :func:`_order_key`: (float32 values, int32 cols)."""
+    monotone = tf.cast(tf.bitwise.right_shift(keys, 32), tf.int32)
+    bits = tf.where(monotone >= 0, monotone, tf.bitwise.bitwise_xor(monotone, tf.constant(0x7FFFFFFF)))
+    cols = tf.cast(tf.bitwise.bitwise_and(keys, tf.constant(0xFFFFFFFF, tf.int64)), tf.int32)
+    return tf.bitcast(bits, tf.float32), cols
+
+
+def _prefix_max(keys):
+    """Running max of int64 ``keys`` ``[b, a, m]`` along the last axis (log-step doubling)."""
+    m = tf.shape(keys)[-1]
+
+    def body(shift, keys):
+        shifted = tf.pad(keys, [[0, 0], [0, 0], [shift, 0]], constant_values=keys.dtype.min)[:, :, :m]
+        return shift * 2, tf.maximum(keys, shifted)
+
+    return tf.while_loop(lambda shift, _: shift < m, body, [tf.constant(1), keys])[1]
+
+
+def _semi_hard_loss(g, side, margin):
     """Mean over (a, p) with a negative of max(0, d(a,p) - d(a,n*) + margin).
 
-    n* = nearest negative strictly farther than p (searchsorted side="right"), else the
-    farthest negative (tensorflow-addons convention): sorted rank min(first, n_neg-1).
-    The sum is differentiated as sum_active (d(a,p) + margin) - sum_n u(a,n) d(a,n),
-    u(a,n) = #active pairs choosing n, so no gradient flows through sort or gather.
+    n* = nearest negative strictly farther than p, else the farthest negative
+    (tensorflow-addons convention).  Small side negatives (:func:`_small_side`): n* is the
+    sorted negative at ``min(searchsorted(d(a,p), "right"), n_neg - 1)``.  Small side
+    positives: a negative with ``r = searchsorted(-d(a,n), "right")`` is farther than the
+    positives of sorted rank >= r, so n* of rank j is the nearest negative with r <= j:
+    a segment max of ``-d(a,n)`` by r, then a running max over j.  The sum is differentiated
+    as ``sum_active (d(a,p) + margin) - sum_n u(a,n) d(a,n)``, u = #active pairs choosing n,
+    so no gradient flows through sort or gather.
     """
     n = tf.shape(g.dist)[-1]
-    first_farther = tf.searchsorted(srt.values, tf.stop_gradient(g.dist), side="right")
-    last = tf.maximum(g.n_neg - 1, 0)[:, :, None]
-    rank = tf.minimum(first_farther, last)
-    pair = tf.logical_and(g.pos, (g.n_neg > 0)[:, :, None])
-    chosen = tf.gather(srt.values, rank, batch_dims=2)
-    chosen = tf.where(pair, chosen, tf.zeros_like(chosen))
-    active = tf.logical_and(pair, tf.stop_gradient(g.dist) - chosen + margin > 0.0)
-    chosen_col = tf.gather(srt.cols, rank, batch_dims=2)
-    uses = _row_counts(chosen_col, tf.cast(active, tf.int32), n)
-    zeros = tf.zeros_like(g.dist)
-    total = _sum_pairs(tf.where(active, g.dist + margin, zeros) - tf.cast(uses, tf.float32) * g.dist)
-    count = tf.reduce_sum(tf.cast(pair, tf.float32), axis=[1, 2])
+    width = tf.shape(side.values)[-1]
+    neg_is_small = side.sign > 0.0  # [b, a, 1]
+    has_neg = (g.n_neg > 0)[:, :, None]
+    # One searchsorted serves both cases: queries d(a,p) (positives large) or -d(a,n) (negatives large).
+    r = tf.searchsorted(side.values, side.signed, side="right")  # [b, a, j]
+
+    # Small side negatives: pairs in column layout [b, a, p].
+    last = tf.minimum(tf.maximum(g.n_neg - 1, 0), width - 1)[:, :, None]  # n_neg <= width in these rows
+    rank = tf.minimum(r, last)
+    pair_a = tf.logical_and(tf.logical_and(side.large, neg_is_small), has_neg)
+    chosen_a = tf.where(pair_a, tf.gather(side.values, rank, batch_dims=2), tf.zeros_like(g.dist))
+    active_a = tf.logical_and(pair_a, side.signed - chosen_a + margin > 0.0)
+    col_a = tf.gather(side.cols, rank, batch_dims=2)
+
+    # Small side positives: pairs in sorted layout [b, a, rank].  Keys of (-d(a,n), column),
+    # segment max by r, running max over the rank: the nearest farther negative and its column.
+    neg_large = tf.logical_and(side.large, tf.logical_not(neg_is_small))
+    shape = tf.shape(r)
+    rows = tf.range(shape[0] * shape[1])
+    ids = tf.reshape(tf.where(neg_large, r, width + 1), tf.stack([-1, shape[2]])) + (width + 2) * rows[:, None]
+    keys = _order_key(side.signed, tf.broadcast_to(tf.range(shape[2]), tf.shape(r)))
+    seg = tf.math.unsorted_segment_max(tf.reshape(keys, tf.shape(ids)), ids, shape[0] * shape[1] * (width + 2))
+    seg = tf.reshape(seg, tf.stack([shape[0], shape[1], width + 2]))[:, :, :width]  # empty: int64 min
+    best = _prefix_max(seg)
+    found = best > tf.int64.min
+    best_value, best_col = _key_value_and_col(tf.where(found, best, tf.zeros_like(best)))
+    farthest_col = tf.argmax(tf.where(g.neg, g.dist, -tf.ones_like(g.dist)), axis=-1, output_type=tf.int32)
+    col_b = tf.where(found, best_col, tf.broadcast_to(farthest_col[:, :, None], tf.shape(best_col)))
+    ranks = tf.range(width)[None, None, :]
+    pair_b = tf.logical_and(tf.logical_and(ranks < side.count[:, :, None], tf.logical_not(neg_is_small)), has_neg)
+    d_pos = -side.values  # d(a, p) of the sorted positives
+    d_chosen = tf.where(found, -best_value, tf.gather(tf.stop_gradient(g.dist), col_b, batch_dims=2))
+    active_b = tf.logical_and(pair_b, tf.where(pair_b, d_pos, tf.zeros_like(d_pos)) - d_chosen + margin > 0.0)
+
+    active_b_int = tf.cast(active_b, tf.int32)
+    pos_weight = tf.cast(active_a, tf.int32) + _row_counts(side.cols, active_b_int, n)
+    uses = _row_counts(col_a, tf.cast(active_a, tf.int32), n) + _row_counts(col_b, active_b_int, n)
+    n_active = tf.reduce_sum(tf.reduce_sum(pos_weight, axis=-1), axis=-1)
+    total = _sum_pairs(tf.cast(pos_weight - uses, tf.float32) * g.dist) + margin * tf.cast(n_active, tf.float32)
+    count = tf.cast(tf.reduce_sum(tf.where(has_neg[:, :, 0], g.n_pos, tf.zeros_like(g.n_pos)), axis=-1), tf.float32)
     return tf.math.divide_no_nan(total, count)
 
 
@@ -524,8 +600,8 @@ def _n_identities(labels, valid):
 
 def _statistics(g, labels, margin, distance, normalize):
     """The :data:`STATISTIC_NAMES` dict of sets whose geometry is ``g``."""
-    srt = _sorted_negatives(g)
-    hinge_sum, n_active = _batch_all_terms(g, srt, margin)
+    side = _small_side(g)
+    hinge_sum, n_active = _batch_all_terms(g, side, margin)
     bound = _loss_bound(distance, normalize, margin)
     stats = {
         "n_boxes": tf.reduce_sum(tf.cast(g.valid, tf.int64), axis=-1),
@@ -536,7 +612,7 @@ def _statistics(g, labels, margin, distance, normalize):
         "triplet_loss_sum": tf.maximum(hinge_sum, 0.0),
         "batch_all_loss": _bounded(_batch_all_loss(hinge_sum, n_active), bound),
         "batch_hard_loss": _bounded(_batch_hard_loss(g, margin), bound),
-        "semi_hard_loss": _bounded(_semi_hard_loss(g, srt, margin), bound),
+        "semi_hard_loss": _bounded(_semi_hard_loss(g, side, margin), bound),
     }
     return {
         name: tf.cast(stats[name], tf.int64 if name in _COUNT_NAMES else tf.float32)
@@ -598,11 +674,11 @@ def triplet_loss(
     if mining == "batch_hard":
         per_set = _batch_hard_loss(g, margin)
     else:
-        srt = _sorted_negatives(g)
+        side = _small_side(g)
         if mining == "batch_all":
-            per_set = _batch_all_loss(*_batch_all_terms(g, srt, margin))
+            per_set = _batch_all_loss(*_batch_all_terms(g, side, margin))
         else:
-            per_set = _semi_hard_loss(g, srt, margin)
+            per_set = _semi_hard_loss(g, side, margin)
     per_set = _bounded(per_set, _loss_bound(distance, normalize, margin))
     has_triplet = _n_triplets(g) > 0
     total = tf.reduce_sum(tf.where(has_triplet, per_set, tf.zeros_like(per_set)))
