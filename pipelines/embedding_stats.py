@@ -50,10 +50,13 @@ def _report(options) -> int:
     opts = options.view_as(EmbeddingStatsOptions)
     if not opts.report:
         return EXIT_OK
+    from components.report import REPORT_FAILED_EXIT_CODE
     from pipelines import report
 
-    return report.write_report(opts.output, history_root=opts.history, thresholds=opts.threshold or (),
+    code = report.write_report(opts.output, history_root=opts.history, thresholds=opts.threshold or (),
                                fail_on_alert=opts.fail_on_alert, prog=PROG)
+    # Thresholds were checked before the run: after a published run, a report failure is never a usage error.
+    return REPORT_FAILED_EXIT_CODE if code == report.USAGE_ERROR else code
 
 
 def run(argv=None) -> int:
