@@ -98,3 +98,17 @@ def stats_run(sample_input, tmp_path_factory) -> StatsRun:
     output_dir = os.path.join(str(tmp_path_factory.mktemp("stats_run")), "out")
     options, result = run_stats(sample_input.pattern, output_dir, sample_input.grid)
     return StatsRun(output_dir, options, sample_input.grid, result, sample_input)
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """`gs://<bucket>` on a loopback GCS emulator (tests/gcs_emulator.py), env vars set for the session."""
+    import gcs_emulator
+
+    emulator = gcs_emulator.GcsEmulator()
+    try:
+        emulator.start()
+    except gcs_emulator.EmulatorError as error:
+        pytest.skip(f"GCS emulator unavailable: {error}")
+    yield emulator.root
+    emulator.stop()
