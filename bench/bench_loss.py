@@ -8,7 +8,7 @@ for both label patterns; batch-all alone forward+backward within 1.5x; peak memo
 (1,690 boxes) and sparse (85 valid boxes padded to 96, as the pipeline pads), in sets/s.
 
 Each case runs in a fresh subprocess (peak memory = growth of ru_maxrss over the process
-after importing TensorFlow).  Inside it the measurements are interleaved, `--repeats`
+after importing TensorFlow; on a GPU, the device allocator's peak).  Inside it the measurements are interleaved, `--repeats`
 rounds, and each keeps its fastest and median round: the machine is shared, so ratios are
 taken within one process, of the fastest rounds.  `--module PATH` times another version
 of the loss module (e.g. `git show REV:components/triplet_loss.py > /tmp/old.py`) in the
@@ -147,6 +147,8 @@ def run_case(args):
         for step in steps.values():  # trace and warm
             tf.nest.map_structure(lambda t: t.numpy(), step())
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_kb) / 1024
+    if args.device == "GPU":  # the device's own allocator peak, not host memory
+        peak_mb = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
     rounds = {name: [] for name in steps}
     if pattern not in ("dense16", "sparse16"):
         rounds["numpy"] = []

@@ -178,25 +178,24 @@ def _masked_embeddings(embeddings, valid):
     return tf.where(valid[..., None], embeddings, tf.zeros_like(embeddings))
 
 
-def _gram64(x):
-    """Gram matrix ``[b, n, n]`` float64 of rows ``x`` ``[b, n, d]`` float32, and its squared norms ``[b, n]``.
+def _product64(left, right):
+    """``left @ right^T`` ``[b, n, n]`` float32 from float64 rows ``[b, n, k]`` holding float32 values.
 
     Products of float32 numbers are exact in float64, so every entry is within
-    ``gamma_d * |x_i| |x_j|`` of the exact dot product (``gamma_k = k u / (1 - k u)``,
-    ``u = 2**-53``) whatever order a BLAS kernel sums in.  The squared norms are read
-    off the diagonal, so they are rounded like the cross terms.
+    ``gamma_k * sum_t |left_it right_jt|`` of the exact value (``gamma_k = k u / (1 - k u)``,
+    ``u = 2**-53``) whatever order a BLAS kernel sums in.  Callers append columns so that one
+    matmul yields a whole distance: one ``[b, n, n]`` float64 temporary, cast at once.
     """
-    x64 = tf.cast(x, tf.float64)
-    gram = tf.matmul(x64, x64, transpose_b=True)
-    return gram, tf.linalg.diag_part(gram)
+    return tf.cast(tf.matmul(left, right, transpose_b=True), tf.float32)
 
 
 def _gram_rounding(magnitude, terms):
     """Bound on the float64 rounding error of a Gram-based expression: ``gamma_terms * magnitude``.
 
-    ``terms`` may be a tensor (the vector dimension plus the few operations after the sum).
+    ``terms`` may be a tensor (the vector dimension plus the few operations after the sum);
+    ``magnitude`` is float32, with one extra term of slack for its own rounding.
     """
-    k = tf.cast(terms, tf.float64) * F64_UNIT_ROUNDOFF
+    k = (tf.cast(terms, tf.float32) + 1.0) * F64_UNIT_ROUNDOFF
     return k / (1.0 - k) * magnitude
 
 
@@ -206,20 +205,24 @@ def _squared_from_gram(x):
 
     ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` cancels when the distance is small against the norms:
     in float32 its error, ``~ d * 2**-24 * (|x_i|^2 + |x_j|^2)``, is what a near-duplicate's
-    squared distance is made of, and its square root turns 1e-6 into 1e-3.  So the Gram
-    matrix is float64 (see :func:`_gram64`): the error of ``d2`` is at most
-    ``gamma_{d+2} * 2 (|x_i|^2 + |x_j|^2)`` in any summation order, and values within that
+    squared distance is made of, and its square root turns 1e-6 into 1e-3.  So it is one
+    float64 product of ``[x, |x|^2, 1]`` and ``[-2x, 1, |x|^2]`` (see
+    :func:`_product64`; squared norms summed in float64): its error is at most
+    ``gamma_{d+2} * 3 (|x_i|^2 + |x_j|^2)`` in any summation order (the product's
+    ``2 (|x_i|^2 + |x_j|^2)`` and the norms' own), and values within that
     bound are indistinguishable from 0 and set to 0.  Equal rows are therefore at distance
     exactly 0 on every CPU and kernel, and small distances keep 8 more digits.
 
     Gradient (float32, written out so no float64 matmul runs backward):
     ``d d2_ij / d x_i = 2 (x_i - x_j)``.
     """
-    gram, sq = _gram64(x)
-    sq_sum = sq[:, :, None] + sq[:, None, :]
-    d2 = sq_sum - 2.0 * gram
-    rounding = _gram_rounding(2.0 * sq_sum, tf.shape(x)[-1] + _GRAM_EXTRA_OPS)
-    d2 = tf.cast(tf.where(d2 > rounding, d2, tf.zeros_like(d2)), tf.float32)  # diagonal: exactly 0
+    sq64 = tf.reduce_sum(tf.square(tf.cast(x, tf.float64)), axis=-1, keepdims=True)  # [b, n, 1]
+    ones = tf.ones_like(sq64)
+    x64 = tf.cast(x, tf.float64)
+    d2 = _product64(tf.concat([x64, sq64, ones], -1), tf.concat([-2.0 * x64, ones, sq64], -1))
+    sq = tf.cast(sq64, tf.float32)
+    rounding = _gram_rounding(3.0 * (sq + tf.linalg.matrix_transpose(sq)), tf.shape(x)[-1] + _GRAM_EXTRA_OPS)
+    d2 = tf.where(d2 > rounding, d2, tf.zeros_like(d2))  # the diagonal too: exactly 0
 
     def grad(upstream):
         w = upstream + tf.linalg.matrix_transpose(upstream)  # d2_ij depends on x_i and x_j
@@ -243,12 +246,12 @@ def _cosine_from_gram(unit, long_enough):
         u64 = tf.cast(unit, tf.float64)
         length = tf.sqrt(tf.reduce_sum(tf.square(u64), axis=-1, keepdims=True))
         u64 = tf.where(long_enough, u64 / tf.where(long_enough, length, tf.ones_like(length)), u64)
-        gram = tf.matmul(u64, u64, transpose_b=True)
-        d = 1.0 - gram
+        ones = tf.ones_like(length)
+        d = _product64(tf.concat([u64, ones], -1), tf.concat([-u64, ones], -1))  # 1 - u_i.u_j
         # |1 - u.u| for unit rows: gamma for the dot product, twice that for the two lengths.
-        rounding = _gram_rounding(tf.constant(4.0, tf.float64), tf.shape(unit)[-1] + _GRAM_EXTRA_OPS)
+        rounding = _gram_rounding(tf.constant(4.0), tf.shape(unit)[-1] + _GRAM_EXTRA_OPS)
         d = tf.where(d > rounding, d, tf.zeros_like(d))
-        d = tf.cast(tf.minimum(d, max_distance("cosine")), tf.float32)
+        d = tf.minimum(d, max_distance("cosine"))
         n = tf.shape(unit)[1]
         d = tf.linalg.set_diag(d, tf.zeros(tf.stack([tf.shape(unit)[0], n]), d.dtype))
 

@@ -178,8 +178,8 @@ def distance_error(emb, lab, distance, normalize):
     """Bound on |computed - exact| of every distance of one set (its valid rows), any CPU.
 
     Normalising in float32 moves a row by at most e_n = gamma_{dim+1} / 2 + 2u (sum of
-    squares, square root, division).  The float64 Gram's error on d2 is at most
-    2 tau = 4 gamma64_{dim+4} (|x_i|^2 + |x_j|^2) (below tau the module sets d2 to 0), and
+    squares, square root, division).  The float64 product's error on d2 is at most
+    tau = 3 gamma64_{dim+4} (|x_i|^2 + |x_j|^2), and below tau the module sets d2 to 0, so 2 tau; and
     |sqrt(a) - sqrt(b)| <= sqrt(|a - b|); below T.SQRT_EPS the root is 0; casting to float32
     and the square root add u relative each.  Unnormalised sets are divided by a power
     of two (exact) before the Gram matrix, so the bound is in those units, scaled back.
@@ -201,7 +201,7 @@ def distance_error(emb, lab, distance, normalize):
         sq_sum = 2 * float((x**2).sum(axis=1).max())
     sq = (x**2).sum(axis=1)  # float64: an upper bound on the largest distance to ~1e-8 is plenty
     d_max = math.sqrt(max(float((sq[:, None] + sq[None, :] - 2 * x @ x.T).max()), 0.0)) + 1e-6 + 2 * e_n
-    gram_err = 4 * g64 * sq_sum  # absolute, on d2
+    gram_err = 6 * g64 * sq_sum  # absolute, on d2: twice the module's zeroing threshold 3 gamma64 sq_sum
     if distance == "squared":
         moved = 2 * e_n * (2 * d_max + 2 * e_n) if normalize else 0.0
         return scale**2 * (moved + gram_err + U32 * d_max**2)
