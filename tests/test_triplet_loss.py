@@ -403,6 +403,28 @@ def test_unknown_shapes_inside_tf_function(distance, normalize):
         assert np.abs(grad.numpy()).max() > 0
 
 
+@pytest.mark.parametrize("pattern", ["seed", "identities", "balanced"])
+def test_statistics_of_larger_sets_where_either_side_is_the_smaller(pattern):
+    """Sets of 40-90 boxes where some anchors sort their negatives and others their positives.
+
+    seed: 8 boxes labelled 1 (their positives are the smaller side), the rest 0 (their
+    negatives); identities: 6 labels; balanced: two labels alternating (ties n_pos + 1 = n_neg).
+    """
+    # Larger random sets have more near-ties (assert_well_conditioned refuses them): 40 boxes
+    # with several labels; this seed's sets have none.
+    rng = np.random.default_rng(14)
+    n = 90 if pattern == "seed" else 40
+    e = rng.normal(size=(n, 5)).astype(np.float32)
+    if pattern == "seed":
+        lab = np.zeros(n, np.int32)
+        lab[rng.choice(n, 8, replace=False)] = 1
+    elif pattern == "identities":
+        lab = rng.integers(0, 6, n).astype(np.int32)
+    else:
+        lab = (np.arange(n) % 2).astype(np.int32)
+    assert_matches(T.triplet_statistics(e[None], lab[None]), [(pattern, e, lab)], 0.2, "euclidean", True)
+
+
 # ----------------------------------------------------------------------- losses
 
 
