@@ -74,7 +74,7 @@ EXPECTED_MODEL = f"gs://tf-bucket/models/date={EXPECTED_DATE}"
 
 # Runs inside .venv-airflow: loads the DAG, renders its tasks, prints one JSON line.
 CHECK_SCRIPT = r"""
-import copy, datetime as dt, json, os, sys, tempfile, types
+import copy, json, os, sys, tempfile, types
 import pendulum
 from airflow.api_fastapi.core_api.datamodels.dag_run import TriggerDAGRunPostBody
 from airflow.dag_processing.dagbag import DagBag
