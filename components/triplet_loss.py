@@ -15,9 +15,10 @@ Why bounded: with L2-normalised vectors every distance is bounded
 cannot run off to ``-inf`` the way a raw Gram-matrix ("linear") loss does.
 
 Memory is O(batch * boxes^2), never O(boxes^3), although batch-all and semi-hard
-are exact over all triplets: for each anchor ``a`` its negative distances are
-sorted once (non-negatives pushed to ``+inf``) and prefix-summed.  For a positive
-``p`` with ``v = d(a, p) + margin``:
+are exact over all triplets: for each anchor ``a`` the smaller side of its triplets
+(its negatives, or its positives when it has fewer) is sorted once, with ``top_k``
+of ``K = max_a min(n_pos, n_neg)`` values (:func:`_small_side`), and prefix-summed.
+With the negatives sorted and a positive ``p``, ``v = d(a, p) + margin``:
 
 * ``k = searchsorted(sorted_neg[a], v, side="left")`` = number of negatives with
   ``d(a, n) < v``, i.e. the active triplets (hinge > 0) of ``(a, p)``;
@@ -26,13 +27,17 @@ sorted once (non-negatives pushed to ``+inf``) and prefix-summed.  For a positiv
   negative strictly farther than ``p`` (clamped to the farthest negative when
   none is, as in tensorflow-addons' semi-hard loss).
 
+With the positives sorted the same formulas run on negated distances (the hinge
+``d(a,p) + m - d(a,n)`` is ``(l + m) - s`` either way), and semi-hard finds each
+sorted positive's nearest farther negative by a segment max and a running max.
+
 Gradients do not flow through the sort: each loss is also a count-weighted sum of
 distances (``sum k(a,p) d(a,p) - sum c(a,n) d(a,n)``, with integer counts from the
 same sorted rows), which is differentiated elementwise instead; backprop through
 sort + gather would cost twice the forward pass.
 
-Numerics: distances come from a float64 Gram matrix (products of float32 numbers
-are exact in float64), so ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` cancels at 2**-53, not
+Numerics: distances come from one float64 matrix product (products of float32
+numbers are exact in float64), so ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` cancels at 2**-53, not
 2**-24, of the squared norms, in any summation order a kernel uses; results within
 that rounding bound of 0 are set to 0, so copies of a row are at distance exactly 0
 on every CPU (see :func:`_squared_from_gram`).  Everything else is float32, with
@@ -74,7 +79,7 @@ DISTANCE_CAP = 2.0**96
 _F32_EXPONENT_MASK = 0x7F800000  # IEEE-754 float32 exponent bits
 # Unit roundoff of float64, the precision of the Gram matrices (see _squared_from_gram).
 F64_UNIT_ROUNDOFF = 2.0**-53
-# Roundings after a Gram entry's d-term dot product: the norm sum and the subtraction.
+# Terms of a distance entry beyond the d-term dot product: the two norm columns of the product.
 _GRAM_EXTRA_OPS = 2
 
 
