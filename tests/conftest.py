@@ -101,14 +101,20 @@ def stats_run(sample_input, tmp_path_factory) -> StatsRun:
 
 
 @pytest.fixture(scope="session")
-def gcs_bucket():
-    """`gs://<bucket>` on a loopback GCS emulator (tests/gcs_emulator.py), env vars set for the session."""
-    import gcs_emulator
+def gcs_emulator():
+    """A loopback GCS emulator (tests/gcs_emulator.py), env vars set for the session."""
+    import gcs_emulator as emulators
 
-    emulator = gcs_emulator.GcsEmulator()
+    emulator = emulators.GcsEmulator()
     try:
         emulator.start()
-    except gcs_emulator.EmulatorError as error:
+    except emulators.EmulatorError as error:
         pytest.skip(f"GCS emulator unavailable: {error}")
-    yield emulator.root
+    yield emulator
     emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket(gcs_emulator):
+    """`gs://<bucket>` on the loopback GCS emulator."""
+    return gcs_emulator.root

@@ -55,6 +55,7 @@ class GcsEmulator:
         self._process: subprocess.Popen | None = None
         self._saved_env: dict[str, str | None] = {}
         self._tmpdir: str | None = None
+        self.log_path = ""  # the emulator's request log (one line per HTTP request)
 
     @property
     def root(self) -> str:
@@ -77,6 +78,7 @@ class GcsEmulator:
                      "--in-memory", "--default-bucket", self.bucket],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
             self.url = f"http://{HOST}:{port}"
+            self.log_path = log_path
             if self._wait_ready():
                 self._set_env()
                 return self
