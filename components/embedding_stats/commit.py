@@ -23,6 +23,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from components.embedding_stats.common import is_local, read_json, write_json
+from components.embedding_stats.write import PARQUET_SUFFIX
 from schemas import contract
 
 TFT_TEMP_DIR = ".tft_tmp"  # tf.Transform's scratch space inside the run directory
@@ -30,7 +31,6 @@ BOX_CACHE_DIR = ".box_cache"  # the analysis pass's box batches, replayed by the
 SCRATCH_DIRS = (TFT_TEMP_DIR, BOX_CACHE_DIR)  # deleted before the commit: never part of a run
 VERSIONED_PACKAGES = ("tripletflow", "apache-beam", "tensorflow", "tensorflow-transform", "tfx-bsl",
                       "pyarrow", "numpy")
-PARQUET_SUFFIX = ".parquet"
 # Tables whose row count must equal a count of the summary before a run may commit.
 COUNTED_TABLES = {contract.VECTORS_DIR: "valid_boxes", contract.EXAMPLES_DIR: "records_good",
                   contract.DEAD_LETTER_DIR: "records_rejected"}
@@ -63,10 +63,14 @@ class RunInfo:
 
     @classmethod
     def start(cls, output_dir: str, input_pattern: str, input_files, options: dict) -> "RunInfo":
-        """A new run: its id begins with its UTC start time, so run ids sort by start."""
+        """A new run: its id begins with its UTC start time, so run ids sort by start.
+
+        A local output is made absolute: workers (other processes, other working directories) write there too.
+        """
         now = utc_now()
         run_id = f"{now.strftime(contract.RUN_ID_TIME_FORMAT)}-{uuid.uuid4().hex[:8]}"
-        return cls(output_dir.rstrip("/"), run_id, input_pattern, tuple(input_files), dict(options), iso_time(now))
+        output_dir = os.path.abspath(output_dir) if FileSystems.get_scheme(output_dir) is None else output_dir.rstrip("/")
+        return cls(output_dir, run_id, input_pattern, tuple(input_files), dict(options), iso_time(now))
 
     @property
     def run_dir_relative(self) -> str:
