@@ -14,7 +14,6 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from components import sample_data
-from components.embedding_stats import executor
 from components.embedding_stats.common import DEAD
 from components.embedding_stats.read import ReadRecords
 from components.embedding_stats.validate import ValidateRecords
