@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 START_TIMEOUT_S = 60
+POLL_S = 0.2
 STOP_TIMEOUT_S = 10
 
 
@@ -30,19 +31,27 @@ def venv_env(extra: dict | None = None) -> dict:
     return {**os.environ, "PATH": path, **(extra or {})}
 
 
+def wait_until_listening(process: subprocess.Popen, port: int, timeout_s: float, poll_s: float = POLL_S) -> str | None:
+    """None once `process` accepts connections on localhost:`port`; else why not (exited, or too slow)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("localhost", port), timeout=1).close()
+            return None
+        except OSError:
+            if process.poll() is not None:
+                return f"exited at start-up ({process.returncode})"
+            if time.monotonic() > deadline:
+                return f"did not listen within {timeout_s} s"
+            time.sleep(poll_s)
+
+
 @contextlib.contextmanager
 def _service(argv: list[str], port: int, env: dict, log):
     process = subprocess.Popen([sys.executable, "-m", *argv], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                socket.create_connection(("localhost", port), timeout=1).close()
-                break
-            except OSError:
-                assert process.poll() is None, f"{argv[0]} exited at start-up"
-                assert time.monotonic() < deadline, f"{argv[0]} did not listen within {START_TIMEOUT_S} s"
-                time.sleep(0.2)
+        problem = wait_until_listening(process, port, START_TIMEOUT_S)
+        assert problem is None, f"{argv[0]} {problem}"
         yield f"localhost:{port}"
     finally:
         process.terminate()

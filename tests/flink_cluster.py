@@ -17,14 +17,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.beam_services import free_port
+from tests.beam_services import free_port, wait_until_listening
 
 CACHE = Path(os.environ.get("TRIPLETFLOW_FLINK_CACHE", Path.home() / ".cache" / "tripletflow" / "flink"))
 FLINK_VERSION = os.environ.get("TRIPLETFLOW_FLINK_VERSION", "1.20.5")  # as in .ci/setup-flink
@@ -262,17 +261,9 @@ def job_server(installation: Installation, master: str, base_dir: Path, log=subp
             "--artifact-port", "0", "--expansion-port", "0", "--artifacts-dir", str(Path(base_dir) / "artifacts")]
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                socket.create_connection(("localhost", port), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None:
-                    raise FlinkUnavailable(f"Beam's Flink job server exited at start-up ({process.returncode})")
-                if time.monotonic() > deadline:
-                    raise FlinkUnavailable(f"Beam's Flink job server did not listen within {START_TIMEOUT_S} s")
-                time.sleep(POLL_S)
+        problem = wait_until_listening(process, port, START_TIMEOUT_S, POLL_S)
+        if problem:
+            raise FlinkUnavailable(f"Beam's Flink job server {problem}")
         yield f"localhost:{port}"
     finally:
         with contextlib.suppress(ProcessLookupError):

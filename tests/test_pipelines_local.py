@@ -14,7 +14,6 @@ import os
 import shutil
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from components.embedding_stats.commit import read_manifest
@@ -22,6 +21,7 @@ from components.embedding_stats.statistics import FAULT_ENV  # the pair-statisti
 from pipelines import embedding_stats, nightly
 from schemas import contract
 from tests import beam_services
+from tests import embedding_stats_reference as ref
 
 WORKERS = 2
 MULTI_PROCESS_FLAGS = ("--direct_running_mode=multi_processing", f"--direct_num_workers={WORKERS}")
@@ -39,7 +39,7 @@ def read_rows(output_dir, table: str) -> list[dict]:
     Dead letters name their source file: only its base name is kept, so that runs over
     copies of the same files in another folder compare equal.
     """
-    data = pq.read_table(contract.listed_files(str(output_dir), read_manifest(output_dir), table), partitioning=None)
+    data = ref.read_table(output_dir, table)
     assert data.schema.remove_metadata().equals(contract.TABLE_SCHEMAS[table]), table
     rows = data.to_pylist()
     for row in rows:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import tempfile
 
@@ -35,8 +34,6 @@ from components.embedding_stats.options import (
     validate_options,
 )
 from schemas import contract
-
-_LOG = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
