@@ -19,7 +19,15 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from components.embedding_stats.cache import CacheBatches, ReplayCache, delete_cache
-from components.embedding_stats.commit import BOX_CACHE_DIR, TFT_TEMP_DIR, CommitRun, RunInfo, discard, read_manifest
+from components.embedding_stats.commit import (
+    BOX_CACHE_DIR,
+    TFT_TEMP_DIR,
+    CommitError,
+    CommitRun,
+    RunInfo,
+    discard,
+    read_manifest,
+)
 from components.embedding_stats.common import DEAD, is_local, read_json
 from components.embedding_stats.norms import AnalyzeNorms, TransformNorms, WriteTransformGraph
 from components.embedding_stats.read import ReadRecords, non_regular_files_error
@@ -195,8 +203,12 @@ def execute(options, wait: bool = True) -> RunResult:
         state = result.wait_until_finish()
         if state not in (None, beam.runners.runner.PipelineState.DONE):
             raise RuntimeError(f"pipeline ended in state {state}")
-    except BaseException:
+    except BaseException as error:
         discard(run)  # best effort: the next commit deletes what a killed launcher left
+        current = read_manifest(output_dir) if isinstance(error, Exception) else None
+        if current and current.get("run_id", "") > run.run_id:  # a later run committed and deleted this one's files
+            raise CommitError(f"run {run.run_id} was superseded by run {current['run_id']}, which started later "
+                              "and has committed: nothing published") from error
         raise
     manifest = read_manifest(output_dir)
     if not manifest or manifest.get("run_id") != run.run_id:
