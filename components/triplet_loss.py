@@ -66,8 +66,7 @@ MINING = ("batch_all", "batch_hard", "semi_hard")
 STATISTIC_NAMES = contract.EXAMPLE_STATISTIC_COLUMNS
 _COUNT_NAMES = frozenset(contract.EXAMPLE_COUNT_COLUMNS)
 
-# Floor for the norm in x / max(||x||, NORM_EPS) (same convention as
-# torch.nn.functional.normalize): a zero vector stays zero instead of dividing by 0.
+# Vectors with ||x|| below this have no direction: normalizing gives 0, not x / ||x||.
 NORM_EPS = 1e-12
 # Squared distances (in max-abs-scaled units, where values are O(1)) at or below this
 # are treated as exactly 0 by the Euclidean root: sqrt has an infinite slope at 0.
@@ -162,17 +161,18 @@ def vector_norms(x) -> dict:
 
 
 def l2_normalize(x, eps: float = NORM_EPS):
-    """``x / max(||x||, eps)`` over the last axis; zero vectors stay zero, huge ones don't overflow.
+    """``x / ||x||`` over the last axis; vectors shorter than ``eps`` have no direction and become 0.
 
-    Vectors shorter than ``eps`` have no direction: their value is ``x / eps`` as the
-    formula says, but their gradient is 0 instead of the formula's ``1 / eps`` slope,
-    which would blow up plain SGD on the exact zero vectors of empty anchors.
+    Idempotent (a unit vector stays unit, 0 stays 0), so vectors normalized by the transform
+    graph or the Trainer's head and normalized again by the loss graph are normalized once.
+    Zero vectors get a zero gradient, not a ``1 / eps`` slope that would blow up plain SGD on
+    the exact zero vectors of empty anchors; huge vectors do not overflow.
     """
     x = tf.convert_to_tensor(x, tf.float32)
     norm = _scaled_norm(x)
     long_enough = norm >= eps
     safe_norm = tf.where(long_enough, norm, tf.ones_like(norm))
-    return tf.where(long_enough, x / safe_norm, tf.stop_gradient(x / eps))
+    return tf.where(long_enough, x / safe_norm, tf.zeros_like(x))
 
 
 # --------------------------------------------------------------------------- distances
@@ -332,7 +332,7 @@ def pairwise_distances(embeddings, distance: str = "euclidean", normalize: bool 
 
     ``euclidean`` = ||x-y||, ``squared`` = ||x-y||^2, ``cosine`` = 1 - cos(x, y)
     (a zero vector has cosine 0 to everything).  With ``normalize`` the vectors are
-    first L2-normalised (``x / max(||x||, eps)``).  The diagonal is exactly 0.
+    first L2-normalised (:func:`l2_normalize`).  The diagonal is exactly 0.
     """
     _check_distance(distance)
     x = tf.convert_to_tensor(embeddings, tf.float32)

@@ -79,7 +79,8 @@ def example_statistics(emb, labels, distance, margin=0.2, normalize=True) -> dic
     valid = labels >= 0
     x, lab = emb[valid], labels[valid]
     if normalize:
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), NORM_EPS)
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        x = np.where(norm >= NORM_EPS, x / np.where(norm > 0, norm, 1.0), 0.0)  # too short: no direction
     n = len(x)
     d = distances(x, distance)
     pos_d, neg_d = [], []

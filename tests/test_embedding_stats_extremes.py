@@ -43,7 +43,8 @@ NORM_RTOL = (GRID.dim + 2) * 2.0**-24
 STAT_ABS = 1e-4
 MAGIC_LENGTH = 0x8B1F  # a first record of this length makes a plain file start with GZIP's magic 1f 8b
 HUGE_LENGTH = 10**11  # bytes: tf.data would allocate this before reading (and crash)
-# A box this much smaller than N(0, 1) has a norm in [NORM_EPS^2, NORM_EPS): see the xfail test.
+# A box this much smaller than N(0, 1) has a norm in [NORM_EPS^2, NORM_EPS): normalized twice (transform graph,
+# loss graph), it must still have no direction.
 SHORT_SCALE = 1e-20
 FIFO_WATCHDOG_S = 60  # a hanging read of the FIFO is released (EOF) after this, so the test fails, not hangs
 
@@ -218,9 +219,6 @@ def test_extreme_but_representable_values_match_numpy(edge_input, edge_run):
         assert np.abs(embedding).max() <= F32.tiny, key
 
 
-@pytest.mark.xfail(strict=True, reason="known, left for the loss-graph owner: the transform graph normalizes "
-                   "(x / NORM_EPS for a vector shorter than NORM_EPS) and the loss graph normalizes again, which "
-                   "gives such a vector a direction when its norm is >= NORM_EPS^2; the reference normalizes once")
 def test_a_vector_shorter_than_norm_eps_keeps_no_direction(edge_input, edge_run):
     out, _ = edge_run
     emb, labels = edge_input["accepted"]["short-vector"]

@@ -15,11 +15,16 @@ import tensorflow as tf
 
 from components import triplet_loss as T
 
-REF_EPS = 1e-12  # the module's documented floor for x / max(||x||, eps)
+REF_EPS = 1e-12  # the module's documented length below which a vector has no direction (normalizes to 0)
 MARGINS = (0.2, 1.0)
 
 
 # ----------------------------------------------------------------------- reference
+
+
+def ref_normalize(x):
+    norm = np.linalg.norm(x)
+    return x / norm if norm >= REF_EPS else np.zeros_like(x)
 
 
 def ref_distance(x, y, distance, normalize):
@@ -29,8 +34,7 @@ def ref_distance(x, y, distance, normalize):
         nx, ny = max(np.linalg.norm(x), REF_EPS), max(np.linalg.norm(y), REF_EPS)
         return 1.0 - float(np.dot(x, y)) / (nx * ny)
     if normalize:
-        x = x / max(np.linalg.norm(x), REF_EPS)
-        y = y / max(np.linalg.norm(y), REF_EPS)
+        x, y = ref_normalize(x), ref_normalize(y)
     d2 = float(np.sum((x - y) ** 2))
     return math.sqrt(d2) if distance == "euclidean" else d2
 
@@ -718,7 +722,7 @@ def test_scaling_invariance_and_equivariance():
         got_u = T.triplet_statistics(scaled, lab, distance="euclidean", normalize=False, margin=0.2 * s)
         for key in keys:
             assert (np.abs(got_u[key].numpy() / s - base_u[key].numpy()) <= tol_u[key]).all(), (key, s)
-        if s > 1e-11:  # x / max(||x||, 1e-12) only normalises vectors longer than eps
+        if s > 1e-11:  # only vectors longer than eps = 1e-12 have a direction
             got_n = T.triplet_statistics(scaled, lab, distance="euclidean")
             for key in keys:
                 assert (np.abs(got_n[key].numpy() - base_n[key].numpy()) <= tol_n[key]).all(), (key, s)
@@ -754,8 +758,9 @@ def test_l2_normalize():
     # few operations per component within ~10u < 1e-5.
     np.testing.assert_allclose(got[[0, 2, 3]], [[0.6, 0.8], [0.6, -0.8], [0.6, 0.8]], rtol=1e-6)
     np.testing.assert_array_equal(got[1], [0.0, 0.0])
-    # below eps the formula x / max(||x||, eps) gives x / eps, not a unit vector
-    np.testing.assert_allclose(got[4], [1e-18, 0.0], rtol=1e-6)
+    # below eps a vector has no direction: it normalizes to 0, so normalizing twice is normalizing once
+    np.testing.assert_array_equal(got[4], [0.0, 0.0])
+    np.testing.assert_allclose(T.l2_normalize(got).numpy(), got, rtol=1e-6)
     with tf.GradientTape() as tape:
         xt = tf.constant(x)
         tape.watch(xt)
