@@ -6,6 +6,7 @@ Each subcommand is a module with `run(argv) -> int`, imported only when used, so
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import importlib
@@ -21,6 +22,15 @@ COMMANDS = {
     "report": ("report", "write report.html and alerts.json for a run's output"),
     "nightly": ("nightly", "run EmbeddingStats for a date partition, or a backfill range"),
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every command's --help: each flag with its meaning and its default (none for switches or no default)."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default in (None, [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
 
 
 # glibc malloc gives threads their own arenas (up to 8 per core) and rarely returns their free

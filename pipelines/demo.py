@@ -8,6 +8,7 @@ import os
 
 from components import sample_data
 from pipelines import embedding_stats
+from pipelines.exit_codes import ExitCode
 
 DEFAULT_EXAMPLES = 64
 DEMO_SHARDS = 2
@@ -28,7 +29,7 @@ def run(argv=None) -> int:
     print(f"demo: wrote {args.examples} sample examples in {len(paths)} TFRecord file(s) under {input_dir}")
     code = embedding_stats.run(["--input", os.path.join(input_dir, "*"), "--output", output_dir,
                                 "--runner", "FnApiRunner", *extra])
-    if code == embedding_stats.EXIT_OK:
+    if code == ExitCode.OK:
         print(f"demo: outputs under {output_dir}: MANIFEST.json (the committed run and its files: vectors/, "
               "examples/, dead_letter/ (Parquet), summary.json (and .parquet), transform_graph/ under runs/), "
               "report.html")

@@ -2,16 +2,16 @@
 
 Input and output paths come from templates holding `{date}` (YYYY-MM-DD), e.g.
 `--input-template 'gs://b/in/date={date}/*' --output-template 'gs://b/out/date={date}'`.
-Each date is one `tripletflow run` (pipelines.embedding_stats), which writes into a
-temporary sibling and publishes the whole directory with MANIFEST.json last, so a
-re-run replaces that date's outputs whole and two runs never mix. A failed attempt
+Each date is one `tripletflow run` (pipelines.embedding_stats), whose job commits the
+date's output with MANIFEST.json last, so a re-run replaces that date's outputs whole and
+two runs never mix. A failed attempt
 publishes nothing and is retried whole (`--attempts`): Beam's local runners do not
 retry a bundle whose worker died, Dataflow does so itself. Any other flag (Beam
 options: --runner, --project, ...; EmbeddingStats flags: --grid, --dim, ...) is passed
 through to every run. Flags are accepted with dashes or underscores, since Airflow's
 Beam operator writes `--input_template=...`. After each published run, the report
 (components.report) is written with the earlier date partitions as history, so that
-trends and AUC drops raise alerts (`--no-report`, `--fail-on-alert`, `--threshold`).
+trends and AUC drops raise alerts (the report's flags, shared with `tripletflow run`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import sys
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines import report
+from pipelines.cli import HelpFormatter
+from pipelines.exit_codes import ExitCode
 from schemas import contract
 
 PROG = "tripletflow nightly"
@@ -30,12 +33,9 @@ DATE_FORMAT = "%Y-%m-%d"
 DEFAULT_ATTEMPTS = 2  # one retry of a failed run (e.g. a worker that died on a local runner)
 MAX_BACKFILL_DAYS = 366  # a guard against a typo such as 2042 for 2024
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-# `tripletflow run` exits EXIT_FAILED when the pipeline itself failed and nothing was published:
+# `tripletflow run` exits FAILED when the pipeline itself failed and nothing was published:
 # only that is retried (bad flags/inputs, wrong grids or alerts would fail the same way again).
-RETRIED = (EXIT_FAILED,)
+RETRIED = (ExitCode.FAILED,)
 
 
 def parse_date(text: str) -> datetime.date:
@@ -92,7 +92,8 @@ def is_complete(output_dir: str) -> bool:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0],
-        epilog="Other flags (EmbeddingStats and Beam options) are passed to every run.")
+        epilog="Other flags (EmbeddingStats and Beam options, see tripletflow run --help) are passed to every run.",
+        formatter_class=HelpFormatter)
     p.add_argument("--input-template", "--input_template", dest="input_template", required=True,
                    help="input glob with {date}, e.g. 'gs://b/in/date={date}/*.tfrecord.gz'")
     p.add_argument("--output-template", "--output_template", dest="output_template", required=True,
@@ -104,12 +105,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="with --backfill: re-run complete dates too")
     p.add_argument("--attempts", type=int, default=DEFAULT_ATTEMPTS,
                    help="tries per date; a failed try publishes nothing")
-    p.add_argument("--no-report", dest="report", action="store_false", default=True,
-                   help="do not write report.html/alerts.json after each run")
-    p.add_argument("--fail-on-alert", dest="fail_on_alert", action="store_true",
-                   help="exit with the report's alert code when a date raises alerts")
-    p.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
-                   help="an alert threshold of the report (repeatable; see tripletflow report --help)")
+    report.add_report_arguments(
+        p.add_argument_group("report, written after each date (--history default: the templates' partition root)"),
+        skippable=True)
     return p
 
 
@@ -119,26 +117,24 @@ def run_date(date: datetime.date, args, passthrough: list[str], log=print) -> in
 
     input_glob, output_dir = partition_paths(args.input_template, args.output_template, date)
     argv = ["--input", input_glob, "--output", output_dir, "--no-report", *passthrough]
-    code = EXIT_FAILED
+    code = ExitCode.FAILED
     for attempt in range(1, args.attempts + 1):
         log(f"{PROG}: {date} attempt {attempt}/{args.attempts}: {input_glob} -> {output_dir}")
         try:
             code = embedding_stats.run(argv)
         except Exception as error:  # a run that raised instead of returning: same as a failed run
             log(f"{PROG}: {date}: {type(error).__name__}: {error}")
-            code = EXIT_FAILED
+            code = ExitCode.FAILED
         if code not in RETRIED:
             break
-    if code != EXIT_OK or not args.report or any(arg.startswith("--dry_run") for arg in passthrough):
+    if code != ExitCode.OK or not args.report or any(arg.startswith("--dry_run") for arg in passthrough):
         return code
     return report_date(output_dir, args)
 
 
 def report_date(output_dir: str, args) -> int:
     """Writes the date's report with the earlier partitions as history; the alert code when asked."""
-    from pipelines import report
-
-    return report.write_report(output_dir, history_root=history_root(args.output_template),
+    return report.write_report(output_dir, history_root=args.history or history_root(args.output_template),
                                thresholds=args.threshold, fail_on_alert=args.fail_on_alert, prog=PROG)
 
 
@@ -149,13 +145,14 @@ def run(argv=None) -> int:
         check_template(args.output_template, "--output-template")
         if args.attempts < 1:
             raise ValueError(f"--attempts must be >= 1, got {args.attempts}")
+        report.check_thresholds(args.threshold)
         if args.backfill:
             dates, skip_complete = date_range(*args.backfill), not args.force
         else:
             dates, skip_complete = [args.date or yesterday_utc()], False
     except ValueError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     failed = []
     for date in dates:
         output_dir = partition_paths(args.input_template, args.output_template, date)[1]
@@ -163,13 +160,13 @@ def run(argv=None) -> int:
             print(f"{PROG}: {date}: already complete ({output_dir}/{contract.MANIFEST_FILE}); skipped")
             continue
         code = run_date(date, args, passthrough)
-        if code != EXIT_OK:
+        if code != ExitCode.OK:
             failed.append((date, code))
     if failed:
         listed = ", ".join(f"{date} (exit {code})" for date, code in failed)
         print(f"{PROG}: error: {len(failed)} of {len(dates)} date(s) failed: {listed}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+        return ExitCode.FAILED
+    return ExitCode.OK
 
 
 if __name__ == "__main__":  # `python -m pipelines.nightly ...`, as Airflow's Beam operator runs it

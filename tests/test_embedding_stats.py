@@ -281,6 +281,7 @@ def test_no_normalize_uses_raw_vectors_and_a_data_sized_histogram(variant_runs, 
 def test_an_examples_statistics_do_not_depend_on_its_batch_mates():
     """Bitwise: every runner batches differently, so results must not depend on the batch."""
     from components.embedding_stats.statistics import SET_SIZE_STEP, BoxSets, _PairStatisticsFn
+    from components.loss_settings import LossSettings
 
     grid = contract.GridSpec(1, 6, 6, 3, dim=8)  # 108 boxes
     rng = np.random.default_rng(0)
@@ -289,7 +290,7 @@ def test_an_examples_statistics_do_not_depend_on_its_batch_mates():
     fed = rng.normal(size=(sum(rows), grid.dim)).astype(np.float32)
     labels = np.concatenate([rng.integers(0, 4, size=k) if k else [contract.EMPTY_LABEL] for k in valid_boxes])
     set_index = np.repeat(np.arange(len(rows)), rows)
-    fn = _PairStatisticsFn(grid, margin=0.2, distance="euclidean", normalize=True, bins=16)
+    fn = _PairStatisticsFn(grid, loss=LossSettings(margin=0.2, distance="euclidean", normalize=True), bins=16)
     fn.setup()
     together, pos, neg = fn._loss_graph(BoxSets.from_rows(set_index, labels >= 0), fed, labels, 2.0)
     pos_alone, neg_alone = 0, 0

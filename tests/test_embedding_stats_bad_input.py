@@ -18,6 +18,7 @@ from components.embedding_stats.common import DEAD
 from components.embedding_stats.read import ReadRecords
 from components.embedding_stats.validate import ValidateRecords
 from pipelines import embedding_stats as entry
+from pipelines.exit_codes import ExitCode
 from schemas import contract
 from tests import embedding_stats_reference as ref
 from tests.conftest import run_stats, write_tfrecords
@@ -236,7 +237,7 @@ def test_up_front_errors_are_one_line_and_nonzero(bad_input, tmp_path, capsys):
     }
     for expected, argv in cases.items():
         code, err = _cli(argv, capsys)
-        assert code == entry.EXIT_USAGE, (expected, code, err)
+        assert code == ExitCode.USAGE, (expected, code, err)
         assert expected in err and "\n" not in err, (expected, err)
     assert not (tmp_path / "o").exists()
 
@@ -249,7 +250,7 @@ def test_all_records_mismatching_the_grid_publish_empty_tables_and_fail(bad_inpu
     (out / contract.MANIFEST_FILE).write_text("{}")
     code, err = _cli(["--input", bad_input["mixed"], "--output", str(out), "--grid", "1,2,2,4",
                       "--runner", "FnApiRunner", "--no-report"], capsys)
-    assert code == entry.EXIT_ALL_WRONG_LENGTH and "wrong length" in err
+    assert code == ExitCode.ALL_WRONG_LENGTH and "wrong length" in err
     assert not (out / contract.VECTORS_DIR / "part-stale.parquet").exists()
     manifest = json.loads((out / contract.MANIFEST_FILE).read_text())
     counts = manifest["counts"]
@@ -272,12 +273,12 @@ def test_failed_run_publishes_nothing_and_keeps_old_results(bad_input, tmp_path,
     argv = ["--input", bad_input["mixed"], "--grid", ",".join(map(str, GRID.grid_shape)), "--dim", str(GRID.dim),
             "--runner", "FnApiRunner", "--no-report"]
     code, err = _cli([*argv, "--output", str(fresh)], capsys)
-    assert code == entry.EXIT_FAILED and "injected failure" in err and "\n" not in err
+    assert code == ExitCode.FAILED and "injected failure" in err and "\n" not in err
     assert not fresh.exists()
     old = tmp_path / "old"
     old.mkdir()
     (old / contract.MANIFEST_FILE).write_text('{"old": true}')
     code, _ = _cli([*argv, "--output", str(old)], capsys)
-    assert code == entry.EXIT_FAILED
+    assert code == ExitCode.FAILED
     assert json.loads((old / contract.MANIFEST_FILE).read_text()) == {"old": True}
     assert sorted(os.listdir(tmp_path)) == ["old"]  # no temp or old-results directories left behind

@@ -25,6 +25,7 @@ from components.embedding_stats import read as read_lib
 from components.embedding_stats.common import DEAD
 from components.embedding_stats.validate import MAX_L1_NORM
 from pipelines import embedding_stats as entry
+from pipelines.exit_codes import ExitCode
 from pipelines import report as report_entry
 from schemas import contract
 from tests import embedding_stats_reference as ref
@@ -234,8 +235,6 @@ def test_report_of_a_run_with_extreme_values_is_written(edge_run, capsys):
 
 
 def test_a_report_that_cannot_be_written_after_a_published_run_exits_report_failed(edge_run, capsys):
-    from components.report import REPORT_FAILED_EXIT_CODE
-
     out, _ = edge_run
     blocker = os.path.join(out, contract.ALERTS_FILE)
     if os.path.exists(blocker):
@@ -246,7 +245,7 @@ def test_a_report_that_cannot_be_written_after_a_published_run_exits_report_fail
     finally:
         os.rmdir(blocker)
     err = capsys.readouterr().err
-    assert code == REPORT_FAILED_EXIT_CODE and code not in (entry.EXIT_FAILED, entry.EXIT_USAGE)
+    assert code == ExitCode.REPORT_FAILED and code not in (ExitCode.FAILED, ExitCode.USAGE)
     assert "published" in err and "report failed" in err
 
 
@@ -295,7 +294,7 @@ def test_fifo_matching_the_input_is_refused_up_front(tmp_path, capsys):
     os.mkfifo(tmp_path / "b.tfrecord")
     code, err = _cli(["--input", str(tmp_path / "*.tfrecord"), "--output", str(tmp_path / "out"),
                       "--grid", ",".join(map(str, GRID.grid_shape)), "--dim", str(GRID.dim), "--no-report"], capsys)
-    assert code == entry.EXIT_USAGE and "FIFO" in err and "b.tfrecord" in err and "\n" not in err
+    assert code == ExitCode.USAGE and "FIFO" in err and "b.tfrecord" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
 
 
@@ -337,5 +336,5 @@ def test_option_values_at_their_limits_are_one_line_errors_before_any_work(edge_
     for expected, variants in cases.items():
         for flags in variants:
             code, err = _cli([*base, *flags], capsys)
-            assert code == entry.EXIT_USAGE and expected in err and "\n" not in err, (flags, code, err)
+            assert code == ExitCode.USAGE and expected in err and "\n" not in err, (flags, code, err)
     assert not out.exists()

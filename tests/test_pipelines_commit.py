@@ -18,6 +18,7 @@ import pytest
 
 from components.embedding_stats import commit
 from pipelines import embedding_stats
+from pipelines.exit_codes import ExitCode
 from schemas import contract
 from tests import beam_services
 from tests import embedding_stats_reference as ref
@@ -43,7 +44,7 @@ def test_a_glob_reaching_into_the_output_is_refused_before_any_work(stats_run, t
     flags = [f for f in stats_flags(stats_run) if f not in ("--input", stats_run.input.pattern)]
     code = embedding_stats.run(["--input", str(inputs / "*" / "*"), "--output", str(output), *flags])
     err = capsys.readouterr().err
-    assert code == embedding_stats.EXIT_USAGE
+    assert code == ExitCode.USAGE
     assert "under --output" in err and "must not read its own outputs" in err and err.count("\n") == 1, err
     assert (output / contract.MANIFEST_FILE).read_bytes() == before
 
@@ -92,8 +93,8 @@ def test_two_runs_into_one_output_at_once_leave_one_complete_run(stats_run, tmp_
     results = [(process.wait(timeout=RUN_TIMEOUT_S), *process.communicate()) for process in runs]
     # Each run committed, or (the earlier-started one) was superseded before it could: never half.
     for code, out, err in results:
-        assert code == embedding_stats.EXIT_OK or (code == embedding_stats.EXIT_FAILED and "superseded" in err), err
-    assert any(code == embedding_stats.EXIT_OK for code, _, _ in results)
+        assert code == ExitCode.OK or (code == ExitCode.FAILED and "superseded" in err), err
+    assert any(code == ExitCode.OK for code, _, _ in results)
     assert_same_outputs(output, stats_run.output_dir)
     assert leftovers(output) == []
 

@@ -26,6 +26,7 @@ from components import sample_data
 from components.embedding_stats.executor import execute
 from components.embedding_stats.options import EmbeddingStatsOptions, validate_options
 from pipelines import embedding_stats
+from pipelines.exit_codes import ExitCode
 from schemas import contract
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,7 +189,7 @@ def test_an_option_error_prints_its_whole_reason_on_one_line(input_glob, tmp_pat
         "--job_name", "Not_A_Valid_Job_Name!",
         "--input", input_glob, "--output", str(tmp_path / "out"), "--grid", GRID, "--dim", str(DIM), "--dry_run=True"])
     err = capsys.readouterr().err
-    assert code == embedding_stats.EXIT_USAGE  # a bad flag, found before any work
+    assert code == ExitCode.USAGE  # a bad flag, found before any work
     assert err.count("\n") == 1 and "Invalid job_name (Not_A_Valid_Job_Name!)" in err and "[-a-z0-9]" in err, err
     assert not (tmp_path / "out").exists()
 

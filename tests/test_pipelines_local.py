@@ -19,6 +19,7 @@ import pytest
 from components.embedding_stats.commit import read_manifest
 from components.embedding_stats.statistics import FAULT_ENV  # the pair-statistics DoFn's test-only fault switch
 from pipelines import embedding_stats, nightly
+from pipelines.exit_codes import ExitCode
 from schemas import contract
 from tests import beam_services
 from tests import embedding_stats_reference as ref
@@ -115,7 +116,7 @@ def test_a_killed_worker_fails_the_run_without_publishing_and_a_rerun_succeeds(s
     output = tmp_path / "out"
     code = embedding_stats.run([*stats_flags(stats_run), "--output", str(output), *MULTI_PROCESS_FLAGS])
     assert marker.exists(), "the fault switch did not fire: no worker was killed"
-    assert code == embedding_stats.EXIT_FAILED
+    assert code == ExitCode.FAILED
     assert not output.exists()  # nothing published: no manifest, no partial table
     # The marker stays: the switch fires once, so the same command now runs clean.
     assert embedding_stats.run([*stats_flags(stats_run), "--output", str(output)]) == 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import nightly
+from pipelines.exit_codes import ExitCode
 from schemas import contract
 from test_pipelines_local import assert_same_outputs, leftovers, stats_flags
 
@@ -67,7 +68,7 @@ def test_bad_flags_exit_2_with_a_clear_message(argv, message, tmp_path, capsys):
         code = nightly.run([*templates, *argv])
     except SystemExit as exit_:  # argparse's own errors
         code = exit_.code
-    assert code == nightly.EXIT_USAGE
+    assert code == ExitCode.USAGE
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -95,7 +96,7 @@ def test_backfill_skips_complete_dates_runs_new_ones_and_reports_failures(stats_
                         "--output-template", str(outputs / "date={date}"),
                         "--backfill", done_day, missing_day, *with_report, "--runner=FnApiRunner"])
     captured = capsys.readouterr()
-    assert code == nightly.EXIT_FAILED  # one date had no input
+    assert code == ExitCode.FAILED  # one date had no input
     assert f"{done_day}: already complete" in captured.out
     assert f"{done_day} attempt" not in captured.out
     assert re.search(rf"1 of 3 date\(s\) failed: {missing_day} \(exit 2\)", captured.err)
@@ -146,7 +147,7 @@ def test_hostile_dates_and_paths_stay_literal(tmp_path, capsys):
     code = nightly.run(["--input-template", f"{tmp_path}/in/{{date}}/*; touch {canary}",
                         "--output-template", f"{tmp_path}/out/{{date}}$(touch {canary})",
                         "--date", "2024-05-01", "--no-report"])
-    assert code == nightly.EXIT_FAILED  # no input matches that literal glob
+    assert code == ExitCode.FAILED  # no input matches that literal glob
     assert "matches no files" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         nightly.run(["--input-template", "x/{date}", "--output-template", "y/{date}", "--date", f"2024-05-01; touch {canary}"])

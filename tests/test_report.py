@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from components import sample_data
-from components.report import ALERT_EXIT_CODE, Thresholds, generate_report, parse_overrides
+from components.report import Thresholds, generate_report, parse_overrides
 from pipelines import cli
+from pipelines.exit_codes import ExitCode
 from schemas import contract
 from tests import embedding_stats_reference as ref
 
@@ -446,7 +447,7 @@ def test_run_passes_thresholds_and_history_to_its_report(bad_night, tmp_path):
 
 def test_bad_records_raise_the_rejection_alert_and_fail_the_run(bad_night, tmp_path):
     run_dir, exit_code = bad_night
-    assert exit_code == ALERT_EXIT_CODE  # `tripletflow run --fail-on-alert` marks the night red
+    assert exit_code == ExitCode.ALERT  # `tripletflow run --fail-on-alert` marks the night red
     alerts = read_alerts(run_dir)["alerts"]
     assert alert_names(alerts) == {"rejection_rate"}
     dead = table_rows(run_dir, contract.DEAD_LETTER_DIR, ["reason"])
@@ -460,7 +461,7 @@ def test_bad_records_raise_the_rejection_alert_and_fail_the_run(bad_night, tmp_p
     assert sum(v for k, v in shown.items() if k.startswith("rejected_by_reason.")) == BAD_RECORDS
     # `tripletflow report`: exit code only with --fail-on-alert; a raised threshold silences it.
     assert cli.main(["report", "--output", run_dir]) == 0
-    assert cli.main(["report", "--output", run_dir, "--fail-on-alert"]) == ALERT_EXIT_CODE
+    assert cli.main(["report", "--output", run_dir, "--fail-on-alert"]) == ExitCode.ALERT
     assert cli.main(["report", "--output", run_dir, "--fail-on-alert", "--threshold", "max_rejection_rate=0.5"]) == 0
     assert read_alerts(run_dir)["thresholds"]["max_rejection_rate"] == 0.5
 

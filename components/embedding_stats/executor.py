@@ -37,6 +37,7 @@ from components.embedding_stats.validate import ValidateRecords
 from components.embedding_stats.write import WriteOutputs
 from components.embedding_stats.options import (
     EmbeddingStatsOptions,
+    loss_settings_of,
     stage_project_code,
     use_local_runner_by_default,
     validate_options,
@@ -153,11 +154,11 @@ def build_pipeline(p: beam.Pipeline, options, run: RunInfo, tft_temp_dir: str | 
     replayed = cached | "ReplayBoxes" >> ReplayCache(after=transform_fn[0])
     transformed = replayed | "TransformNorms" >> TransformNorms(
         grid, transform_fn, batch_size=opts.batch_size, temp_dir=temp_dir)
-    stats = transformed | "PairStatistics" >> PairStatistics(
-        grid, margin=opts.margin, distance=opts.distance, normalize=opts.normalize, bins=opts.histogram_bins)
+    loss = loss_settings_of(options)
+    stats = transformed | "PairStatistics" >> PairStatistics(grid, loss=loss, bins=opts.histogram_bins)
     dead = (read[DEAD], validated[DEAD]) | "AllDeadLetters" >> beam.Flatten()
     summary = {**{tag: stats[tag] for tag in (PARTIAL, LABEL_SET, NORMS, FED_MAX)}, DEAD: dead} | "Summarize" >> Summarize(
-        distance=opts.distance, normalize=opts.normalize, bins=opts.histogram_bins)
+        loss=loss, bins=opts.histogram_bins)
     written = (stats[VECTORS], stats[EXAMPLES], dead, summary) | "WriteOutputs" >> WriteOutputs(run.run_dir)
     cache_deleted = (p | "CacheDir" >> beam.Create([cache_dir])
                      | "DeleteBoxCache" >> beam.Map(delete_cache, *[beam.pvalue.AsIter(w) for w in written]))

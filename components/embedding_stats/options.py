@@ -7,7 +7,6 @@ values into one-line `ValueError`s before any work starts.
 
 from __future__ import annotations
 
-import math
 import os
 
 from apache_beam.options.pipeline_options import (
@@ -17,20 +16,15 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
-from components import triplet_loss
+from components import loss_settings
 from components.embedding_stats.preprocessing import QUANTILE_EPSILON
 from components.embedding_stats.read import MAX_RECORD_BYTES
 from schemas import contract
 
-DEFAULT_MARGIN = 0.2
-DEFAULT_DISTANCE = "euclidean"
 DEFAULT_BATCH_SIZE = 16  # examples per loss-graph call and per Arrow record batch
 DEFAULT_NORM_BUCKETS = 10  # quantile buckets of the L2 norm (l2_norm_bucket in 0..9)
 DEFAULT_HISTOGRAM_BINS = 200  # fixed bins of the pair-distance histograms
-# Limits of option values (checked up front, one-line error, exit 2):
-# every distance is capped at DISTANCE_CAP, so a larger margin only adds a constant to every
-# loss, and with it could overflow the float32 loss sums.
-MAX_MARGIN = triplet_loss.DISTANCE_CAP
+# Limits of option values (checked up front, one-line error, exit 2; --margin's in loss_settings):
 # --batch-size is tf.Transform's desired batch (rows of boxes): 2^16 rows of the seed dim (100
 # floats) are 26 MB per tensor; the loss graph is cut into bounded calls whatever the value.
 MAX_BATCH_SIZE = 1 << 16
@@ -50,18 +44,23 @@ PYPROJECT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path
 
 
 class EmbeddingStatsOptions(PipelineOptions):
-    """Flags of `tripletflow run` (EmbeddingStats); any Beam pipeline option may be mixed in."""
+    """EmbeddingStats' pipeline parameters; any Beam pipeline option may be mixed in.
+
+    Only what the job itself needs: they travel with the pipeline to the workers. Flags of the
+    launching process (--no-wait, the report's) belong to `pipelines/embedding_stats.py`.
+    """
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--input", help="glob of input TFRecord files (plain or GZIP, any name)")
-        parser.add_argument("--output", help="output directory (local or gs://); replaced whole")
+        parser.add_argument("--input", metavar="GLOB", help="glob of input TFRecord files (plain or GZIP, any name)")
+        parser.add_argument("--output", metavar="DIR", help="output directory (local or gs://): each run commits into it, replacing the previous run")
         parser.add_argument("--grid", default=",".join(map(str, contract.DEFAULT_GRID)),
                             help="grid shape L,H,W,A (levels, height, width, anchors)")
         parser.add_argument("--dim", default=contract.DEFAULT_DIM, type=int, help="floats per box embedding")
-        parser.add_argument("--margin", default=DEFAULT_MARGIN, type=float, help="triplet margin (>= 0)")
-        parser.add_argument("--distance", default=DEFAULT_DISTANCE,
-                            help=f"pair distance, one of {', '.join(triplet_loss.DISTANCES)}")
+        parser.add_argument("--margin", default=loss_settings.DEFAULT_MARGIN, type=float,
+                            help=f"triplet margin, in [0, {loss_settings.MAX_MARGIN:.4g}]")
+        parser.add_argument("--distance", default=loss_settings.DEFAULT_DISTANCE,
+                            help=f"pair distance, one of {', '.join(loss_settings.DISTANCES)}")
         parser.add_argument("--no-normalize", dest="normalize", action="store_false", default=True,
                             help="use raw vectors instead of L2-normalized ones")
         parser.add_argument("--center", action="store_true", default=False,
@@ -72,14 +71,6 @@ class EmbeddingStatsOptions(PipelineOptions):
                             help="quantile buckets of the L2 norm")
         parser.add_argument("--histogram-bins", dest="histogram_bins", default=DEFAULT_HISTOGRAM_BINS,
                             type=int, help="fixed bins of the pair-distance histograms")
-        parser.add_argument("--no-report", dest="report", action="store_false", default=True,
-                            help="do not generate report.html/alerts.json after the run")
-        parser.add_argument("--fail-on-alert", dest="fail_on_alert", action="store_true", default=False,
-                            help="exit with the report's alert code when it raises alerts")
-        parser.add_argument("--history", default=None,
-                            help="root of date=YYYY-MM-DD partitions of earlier runs: report trends and AUC drops")
-        parser.add_argument("--threshold", action="append", default=None, metavar="NAME=VALUE",
-                            help="an alert threshold of the report (repeatable; see tripletflow report --help)")
 
 
 def grid_spec(options: EmbeddingStatsOptions) -> contract.GridSpec:
@@ -98,27 +89,21 @@ def validate_options(options: PipelineOptions) -> contract.GridSpec:
     if grid.embeddings_length > MAX_EMBEDDINGS_LENGTH:
         raise ValueError(f"--grid {opts.grid} --dim {opts.dim}: {grid.embeddings_length} floats per record, more than "
                          f"the {MAX_EMBEDDINGS_LENGTH} a tf.train.Example can hold")
-    if not (math.isfinite(opts.margin) and 0 <= opts.margin <= MAX_MARGIN):
-        raise ValueError(f"--margin must be a finite number in [0, {MAX_MARGIN:.4g}] (the distance cap), "
-                         f"got {opts.margin}")
-    if opts.distance not in triplet_loss.DISTANCES:
-        raise ValueError(f"--distance must be one of {', '.join(triplet_loss.DISTANCES)}, got {opts.distance!r}")
+    loss_settings_of(opts)
     for name, limit in (("batch_size", MAX_BATCH_SIZE), ("norm_buckets", MAX_NORM_BUCKETS),
                         ("histogram_bins", MAX_HISTOGRAM_BINS)):
         if not 1 <= getattr(opts, name) <= limit:
             raise ValueError(f"--{name.replace('_', '-')} must be in [1, {limit}], got {getattr(opts, name)}")
-    _check_thresholds(opts.threshold)
     return grid
 
 
-def _check_thresholds(pairs) -> None:
-    """--threshold NAME=VALUE values, checked by the report's own parser before any work."""
-    from components.report.alerts import parse_overrides
-
+def loss_settings_of(options: PipelineOptions) -> loss_settings.LossSettings:
+    """The run's loss settings; ValueError naming the flag when one is out of range."""
+    opts = options.view_as(EmbeddingStatsOptions)
     try:
-        parse_overrides(list(pairs or ()))
-    except (TypeError, ValueError) as error:
-        raise ValueError(str(error)) from None
+        return loss_settings.LossSettings(margin=opts.margin, distance=opts.distance, normalize=opts.normalize)
+    except ValueError as error:
+        raise ValueError(f"--{error}") from None
 
 
 def use_local_runner_by_default(options: PipelineOptions) -> None:

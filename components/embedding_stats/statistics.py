@@ -21,6 +21,7 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from components import triplet_loss
+from components.loss_settings import DISTANCE_CAP, LossSettings
 from components.embedding_stats import preprocessing as pp
 from components.embedding_stats.common import METRICS_NAMESPACE
 from schemas import contract
@@ -95,18 +96,18 @@ class BoxSets:
         return sets, set_labels
 
 
-def histogram_range(distance: str, normalize: bool, fed_max_norm: float) -> float:
+def histogram_range(loss: LossSettings, fed_max_norm: float) -> float:
     """Upper edge of the fixed distance bins: the largest distance two fed vectors can have."""
-    bound = triplet_loss.max_distance(distance, normalize)
+    bound = loss.max_distance
     if not np.isfinite(bound):
         diameter = 2.0 * float(fed_max_norm)
-        bound = diameter if distance == "euclidean" else diameter * diameter
-        bound = min(bound, triplet_loss.DISTANCE_CAP)
+        bound = diameter if loss.distance == "euclidean" else diameter * diameter
+        bound = min(bound, DISTANCE_CAP)
     return bound if bound > 0 else 1.0
 
 
-def histogram_edges(distance: str, normalize: bool, fed_max_norm: float, bins: int) -> np.ndarray:
-    return np.linspace(0.0, histogram_range(distance, normalize, fed_max_norm), bins + 1)
+def histogram_edges(loss: LossSettings, fed_max_norm: float, bins: int) -> np.ndarray:
+    return np.linspace(0.0, histogram_range(loss, fed_max_norm), bins + 1)
 
 
 FAULT_ENV = "TRIPLETFLOW_TEST_KILL_WORKER_ONCE"  # test-only: path of a marker file; unset in production
@@ -133,17 +134,15 @@ class _PairStatisticsFn(beam.DoFn):
     statistics and the per-batch histograms of positive/negative pair distances.
     """
 
-    def __init__(self, grid, *, margin, distance, normalize, bins):
+    def __init__(self, grid, *, loss: LossSettings, bins: int):
         self._grid = grid
-        self._margin = margin
-        self._distance = distance
-        self._normalize = normalize
+        self._loss = loss
         self._bins = bins
 
     def setup(self):
         import tensorflow as tf
 
-        margin, distance, normalize, bins = self._margin, self._distance, self._normalize, self._bins
+        loss, bins = self._loss, self._bins
 
         @tf.function(input_signature=[
             tf.TensorSpec([None, None, self._grid.dim], tf.float32),
@@ -151,8 +150,7 @@ class _PairStatisticsFn(beam.DoFn):
             tf.TensorSpec([], tf.float32)], autograph=False)  # plain TF ops: no AutoGraph conversion (start-up)
         def statistics(embeddings, labels, upper_edge):
             return triplet_loss.triplet_statistics_and_histograms(
-                embeddings, labels, bins=bins, upper_edge=upper_edge, margin=margin, distance=distance,
-                normalize=normalize)
+                embeddings, labels, bins=bins, upper_edge=upper_edge, **loss.graph_kwargs())
 
         self._statistics = statistics
         self._tf = tf
@@ -173,7 +171,7 @@ class _PairStatisticsFn(beam.DoFn):
         ids = [value.decode("utf-8") for value in _column(batch, contract.BOX_EXAMPLE_ID)[sets.starts]]
         fed = _column(batch, pp.OUT_EMBEDDING).astype(np.float32, copy=False).reshape(batch.num_rows, -1)
         fed_max_norm = float(_column(batch, pp.OUT_FED_MAX_NORM)[0])
-        upper_edge = histogram_range(self._distance, self._normalize, fed_max_norm)
+        upper_edge = histogram_range(self._loss, fed_max_norm)
 
         stats, pos_hist, neg_hist = self._loss_graph(sets, fed, labels, upper_edge)
 
@@ -283,9 +281,9 @@ def partial_summary(stats, l2, pos_hist, neg_hist) -> dict:
 class PairStatistics(beam.PTransform):
     """Transformed box record batches -> tagged VECTORS / EXAMPLES tables, PARTIAL summaries, LABEL_SET, NORMS."""
 
-    def __init__(self, grid, *, margin, distance, normalize, bins):
+    def __init__(self, grid, *, loss: LossSettings, bins: int):
         super().__init__()
-        self._fn = _PairStatisticsFn(grid, margin=margin, distance=distance, normalize=normalize, bins=bins)
+        self._fn = _PairStatisticsFn(grid, loss=loss, bins=bins)
 
     def expand(self, batches):
         return batches | "LossGraph" >> beam.ParDo(self._fn).with_outputs(

@@ -11,6 +11,7 @@ import numpy as np
 
 from components import triplet_loss
 from components.embedding_stats.common import DEAD
+from components.loss_settings import LossSettings
 from components.embedding_stats.statistics import (
     FED_MAX,
     LABEL_SET,
@@ -124,10 +125,9 @@ def assemble_summary(_, partial, rejected_by_reason, identities, quantiles, edge
 class Summarize(beam.PTransform):
     """{PARTIAL, LABEL_SET, NORMS, FED_MAX, DEAD: PCollection} -> one summary dict, bounded memory throughout."""
 
-    def __init__(self, *, distance, normalize, bins):
+    def __init__(self, *, loss: LossSettings, bins: int):
         super().__init__()
-        self._distance = distance
-        self._normalize = normalize
+        self._loss = loss
         self._bins = bins
 
     def expand(self, inputs):
@@ -154,10 +154,10 @@ class Summarize(beam.PTransform):
         )
 
     def _edges(self, stats):
-        distance, normalize, bins = self._distance, self._normalize, self._bins
+        loss, bins = self._loss, self._bins
 
         def edges(fed_max_norm):
-            return {"distance": distance, "edges": histogram_edges(distance, normalize, fed_max_norm, bins).tolist()}
+            return {"distance": loss.distance, "edges": histogram_edges(loss, fed_max_norm, bins).tolist()}
 
         return (stats[FED_MAX] | "FedMaxNorm" >> beam.CombineGlobally(lambda values: max(values, default=0.0))
                 | "Edges" >> beam.Map(edges))

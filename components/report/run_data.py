@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.report import storage
+from components.trainer.spec import METRICS_FILE as TRAINER_METRICS_FILE
 from schemas import contract
 
 # Columns of `vectors` the report plots: position in the grid, raw and z-scored norm.
@@ -28,9 +29,6 @@ SAMPLE_SEED = 0  # the sample is the same on every re-run of a report
 EXAMPLE_COLUMNS = ("example_id", "n_boxes", "n_neg_pairs", "n_triplets", "n_active_triplets", "pos_dist_mean",
                    "neg_dist_mean", "batch_all_loss", "batch_hard_loss", "semi_hard_loss")
 
-# The trainer writes this file under its --output (components.trainer.spec.METRICS_FILE; not
-# imported from there because that module loads TensorFlow, which the report does not need).
-TRAINER_METRICS_FILE = "metrics.json"
 MODEL_SUBDIR = "model"  # a trainer output directory placed inside the run's output
 
 

@@ -6,14 +6,13 @@ import dataclasses
 import math
 import os
 
-from components import triplet_loss
+from components import loss_settings
 from components.trainer import fileio
 
 PAIR_SCOPES = ("example", "batch")  # pairs within each image, or across all images of a batch
 
 DEFAULT_EPOCHS = 10
 DEFAULT_BATCH_SIZE = 16  # sets (images) per training step
-DEFAULT_MARGIN = 0.2
 DEFAULT_LEARNING_RATE = 1e-3
 DEFAULT_VALIDATION_FRACTION = 0.2
 DEFAULT_SHUFFLE_BUFFER = 256  # sets held by the shuffle buffer (memory: buffer * boxes * dim floats)
@@ -35,9 +34,9 @@ class TrainOptions:
 
     epochs: int = DEFAULT_EPOCHS
     batch_size: int = DEFAULT_BATCH_SIZE
-    mining: str = "batch_all"
-    margin: float = DEFAULT_MARGIN
-    distance: str = "euclidean"
+    mining: str = loss_settings.DEFAULT_MINING
+    margin: float = loss_settings.DEFAULT_MARGIN
+    distance: str = loss_settings.DEFAULT_DISTANCE
     learning_rate: float = DEFAULT_LEARNING_RATE
     hidden: tuple[int, ...] = ()  # widths of hidden ReLU layers before the output layer
     seed: int = 0
@@ -53,12 +52,11 @@ class TrainOptions:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.mining not in triplet_loss.MINING:
-            raise ValueError(f"--mining must be one of {triplet_loss.MINING}, got {self.mining!r}")
-        if self.distance not in triplet_loss.DISTANCES:
-            raise ValueError(f"--distance must be one of {triplet_loss.DISTANCES}, got {self.distance!r}")
-        if not (math.isfinite(self.margin) and self.margin >= 0):
-            raise ValueError(f"--margin must be a finite number >= 0, got {self.margin}")
+        try:
+            loss_settings.check_mining(self.mining)
+            loss_settings.LossSettings(margin=self.margin, distance=self.distance)
+        except ValueError as error:
+            raise ValueError(f"--{error}") from None
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if any(width < 1 for width in self.hidden):
