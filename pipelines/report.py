@@ -64,7 +64,8 @@ def write_report(output_dir, *, history_root=None, thresholds=(), model_dir=None
     `fail_on_alert`), USAGE (bad threshold, not a finished run) or REPORT_FAILED (anything
     else: the run stays published, its report is missing).
     """
-    from components.report import RunDataError, generate_report, parse_overrides, storage
+    from components import storage
+    from components.report import RunDataError, generate_report, parse_overrides
 
     try:
         overrides = parse_overrides(list(thresholds))

@@ -22,8 +22,8 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from components.embedding_stats.common import is_local, read_json, write_json
 from components.embedding_stats.write import PARQUET_SUFFIX
+from components.storage import canonical, delete_tree, is_local, read_json, write_json
 from schemas import contract
 
 TFT_TEMP_DIR = ".tft_tmp"  # tf.Transform's scratch space inside the run directory
@@ -69,8 +69,7 @@ class RunInfo:
         """
         now = utc_now()
         run_id = f"{now.strftime(contract.RUN_ID_TIME_FORMAT)}-{uuid.uuid4().hex[:8]}"
-        output_dir = os.path.abspath(output_dir) if FileSystems.get_scheme(output_dir) is None else output_dir.rstrip("/")
-        return cls(output_dir, run_id, input_pattern, tuple(input_files), dict(options), iso_time(now))
+        return cls(canonical(output_dir), run_id, input_pattern, tuple(input_files), dict(options), iso_time(now))
 
     @property
     def run_dir_relative(self) -> str:
@@ -100,14 +99,6 @@ def read_manifest(output_dir: str) -> dict | None:
     """The output's MANIFEST.json, or None when no run was committed there."""
     path = contract.output_path(output_dir, contract.MANIFEST_FILE)
     return read_json(path) if FileSystems.exists(path) else None
-
-
-def delete_tree(path: str) -> None:
-    """Deletes a directory (or object prefix) and everything under it; nothing if absent."""
-    if is_local(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif FileSystems.match([contract.output_path(path, "**")])[0].metadata_list:
-        FileSystems.delete([path.rstrip("/") + "/"])
 
 
 def discard(run: RunInfo) -> None:

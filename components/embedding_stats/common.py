@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import uuid
 
 import apache_beam as beam
@@ -66,29 +64,3 @@ class WriteBundleFilesFn(beam.DoFn):
     def finish_bundle(self):
         if self._writer is not None:
             yield _in_global_window(self._close())
-
-
-def is_local(path: str) -> bool:
-    """True for a path on this machine's filesystem (no scheme, or file://)."""
-    return FileSystems.get_scheme(path) in (None, "file")
-
-
-def write_json(path: str, document: dict) -> None:
-    """`document` as indented JSON at `path` (any Beam FileSystems path, e.g. gs://), appearing whole.
-
-    Locally it is written beside `path` and renamed over it; an object store publishes an
-    object whole when it is closed. A reader never sees half a document either way.
-    """
-    data = json.dumps(document, indent=2).encode("utf-8")
-    renamed = FileSystems.get_scheme(path) is None  # a plain local path
-    target = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if renamed else path
-    with FileSystems.create(target) as f:
-        f.write(data)
-    if renamed:
-        os.replace(target, path)
-
-
-def read_json(path: str) -> dict:
-    """The JSON document at `path` (any Beam FileSystems path)."""
-    with FileSystems.open(path) as f:
-        return json.loads(f.read().decode("utf-8"))

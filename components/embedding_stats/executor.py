@@ -28,13 +28,8 @@ from components.embedding_stats.commit import (
     discard,
     read_manifest,
 )
-from components.embedding_stats.common import DEAD, is_local, read_json
+from components.embedding_stats.common import DEAD
 from components.embedding_stats.norms import AnalyzeNorms, TransformNorms, WriteTransformGraph
-from components.embedding_stats.read import ReadRecords, non_regular_files_error
-from components.embedding_stats.statistics import EXAMPLES, FED_MAX, LABEL_SET, NORMS, PARTIAL, VECTORS, PairStatistics
-from components.embedding_stats.summary import Summarize
-from components.embedding_stats.validate import ValidateRecords
-from components.embedding_stats.write import WriteOutputs
 from components.embedding_stats.options import (
     EmbeddingStatsOptions,
     loss_settings_of,
@@ -42,6 +37,12 @@ from components.embedding_stats.options import (
     use_local_runner_by_default,
     validate_options,
 )
+from components.embedding_stats.read import ReadRecords, non_regular_files_error
+from components.embedding_stats.statistics import EXAMPLES, FED_MAX, LABEL_SET, NORMS, PARTIAL, VECTORS, PairStatistics
+from components.embedding_stats.summary import Summarize
+from components.embedding_stats.validate import ValidateRecords
+from components.embedding_stats.write import WriteOutputs
+from components.storage import canonical, is_local, read_json
 from schemas import contract
 
 
@@ -95,8 +96,8 @@ def check_output(output: str) -> None:
 
 def check_input_outside_output(pattern: str, files, output_dir: str) -> None:
     """InputError when the input glob matches files under the output: the run would read its own outputs."""
-    root = os.path.abspath(output_dir) if is_local(output_dir) else output_dir
-    inside = [path for path in files if (os.path.abspath(path) if is_local(path) else path).startswith(root + "/")]
+    root = canonical(output_dir)
+    inside = [path for path in files if canonical(path).startswith(root + "/")]
     if inside:
         raise InputError(f"--input {pattern!r} matches {len(inside)} file(s) under --output {output_dir!r} "
                          f"(e.g. {inside[0]}): a run must not read its own outputs; narrow the glob or move the output")

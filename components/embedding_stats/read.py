@@ -28,7 +28,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.metrics import Metrics
 
-from components.embedding_stats.common import DEAD, METRICS_NAMESPACE, dead_letter, is_local
+from components.embedding_stats.common import DEAD, METRICS_NAMESPACE, dead_letter
+from components.storage import is_local
 from schemas import contract
 
 GZIP_MAGIC = b"\x1f\x8b"

@@ -21,9 +21,9 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from components import triplet_loss
-from components.loss_settings import DISTANCE_CAP, LossSettings
 from components.embedding_stats import preprocessing as pp
 from components.embedding_stats.common import METRICS_NAMESPACE
+from components.loss_settings import DISTANCE_CAP, LossSettings
 from schemas import contract
 
 SET_SIZE_STEP = 16  # padded set sizes: powers of two up to this, then multiples of it

@@ -11,7 +11,6 @@ import numpy as np
 
 from components import triplet_loss
 from components.embedding_stats.common import DEAD
-from components.loss_settings import LossSettings
 from components.embedding_stats.statistics import (
     FED_MAX,
     LABEL_SET,
@@ -20,6 +19,7 @@ from components.embedding_stats.statistics import (
     histogram_edges,
     partial_summary,
 )
+from components.loss_settings import LossSettings
 from schemas import contract
 
 QUANTILE_POINTS = 101  # p00..p100 of the L2 norm; the summary keeps p01..p99

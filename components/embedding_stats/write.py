@@ -12,7 +12,8 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from components.embedding_stats.common import WriteBundleFilesFn, write_json
+from components.embedding_stats.common import WriteBundleFilesFn
+from components.storage import write_json
 from schemas import contract
 
 TABLE_BATCH_ROWS = 4096  # rows gathered into one Parquet row group for small tables

@@ -8,8 +8,10 @@ import os
 import numpy as np
 import pyarrow.compute as pc
 
+from components import storage
 from components.report import alerts as alerts_lib
-from components.report import figures, html, history as history_lib, storage, trainer_metrics
+from components.report import figures, html, trainer_metrics
+from components.report import history as history_lib
 from components.report.run_data import RunData, finite_or_none, load_run
 from schemas import contract
 

@@ -12,8 +12,8 @@ import dataclasses
 import os
 import re
 
+from components import storage
 from components.report import alerts as alerts_lib
-from components.report import storage
 from components.report.run_data import RunDataError, read_json, read_summary
 from schemas import contract
 

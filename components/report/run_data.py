@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.report import storage
+from components import storage
 from components.trainer.spec import METRICS_FILE as TRAINER_METRICS_FILE
 from schemas import contract
 
