@@ -397,16 +397,16 @@ def _small_side(g):
 
 
 def _row_counts(index, weight, depth):
-    """Per row histogram: out[b, a, j] = sum of weight[b, a, :] where index[b, a, :] == j.
+    """Per row histogram: out[..., j] = sum of weight[..., :] where index[..., :] == j.
 
-    index/weight ``[b,n,m]`` int32, output ``[b,n,depth]`` int32; O(b*n*(m+depth)).
+    index/weight ``[..., m]`` int32, output ``[..., depth]`` int32; O(rows * (m + depth)).
     """
     shape = tf.shape(index)
-    rows = tf.range(shape[0] * shape[1])
-    ids = tf.reshape(index, tf.stack([-1, shape[2]])) + depth * rows[:, None]
+    rows = tf.reduce_prod(shape[:-1])
+    ids = tf.reshape(index, tf.stack([rows, shape[-1]])) + depth * tf.range(rows)[:, None]
     flat_weight = tf.reshape(weight, tf.shape(ids))
-    counts = tf.math.unsorted_segment_sum(flat_weight, ids, shape[0] * shape[1] * depth)
-    return tf.reshape(counts, tf.stack([shape[0], shape[1], depth]))
+    counts = tf.math.unsorted_segment_sum(flat_weight, ids, rows * depth)
+    return tf.reshape(counts, tf.concat([shape[:-1], [depth]], 0))
 
 
 def _sum_pairs(x):
@@ -495,69 +495,100 @@ def _key_value_and_col(keys):
 
 
 def _prefix_max(keys):
-    """Running max of int64 ``keys`` ``[b, a, m]`` along the last axis (log-step doubling)."""
-    m = tf.shape(keys)[-1]
+    """Running max of int64 ``keys`` ``[..., m]`` along the last axis (log-step doubling)."""
+    shape = tf.shape(keys)
+    m = shape[-1]
 
     def body(shift, keys):
-        shifted = tf.pad(keys, [[0, 0], [0, 0], [shift, 0]], constant_values=keys.dtype.min)[:, :, :m]
+        filler = tf.fill(tf.concat([shape[:-1], [shift]], 0), keys.dtype.min)
+        shifted = tf.concat([filler, keys[..., : m - shift]], -1)
         return shift * 2, tf.maximum(keys, shifted)
 
     return tf.while_loop(lambda shift, _: shift < m, body, [tf.constant(1), keys])[1]
+
+
+def _semi_hard_small_negatives(signed, large, values, cols, n_neg, margin):
+    """Semi-hard weights of anchor rows whose negatives are the sorted small side.
+
+    Rows ``[m, n]``: signed = d(a, .), large = positives, values/cols ``[m, K]`` the sorted
+    negatives, n_neg ``[m]``.  n* of a positive p is the sorted negative at
+    ``min(searchsorted(d(a,p), "right"), n_neg - 1)``.  Returns the weights ``[m, n]`` int32
+    (+1 per active pair on d(a,p), -1 on its d(a,n*)) and active pairs per row ``[m]`` int32.
+    """
+    n = tf.shape(signed)[-1]
+    width = tf.shape(values)[-1]
+    last = tf.minimum(tf.maximum(n_neg - 1, 0), width - 1)[:, None]  # n_neg <= width in these rows
+    rank = tf.minimum(tf.searchsorted(values, signed, side="right"), last)
+    pair = tf.logical_and(large, (n_neg > 0)[:, None])
+    chosen = tf.where(pair, tf.gather(values, rank, batch_dims=1), tf.zeros_like(signed))
+    active = tf.cast(tf.logical_and(pair, signed - chosen + margin > 0.0), tf.int32)
+    uses = _row_counts(tf.gather(cols, rank, batch_dims=1), active, n)
+    return active - uses, tf.reduce_sum(active, axis=-1)
+
+
+def _semi_hard_small_positives(signed, large, values, cols, count, margin):
+    """Semi-hard weights of anchor rows whose positives are the sorted small side.
+
+    Rows ``[m, n]``: signed = -d(a, .), large = negatives, values/cols ``[m, K]`` the sorted
+    -d(a, p), count ``[m]`` positives per row.  A negative with ``r = searchsorted(-d(a,n),
+    "right")`` is farther than the positives of sorted rank >= r, so n* of rank j is the
+    nearest negative with r <= j: a segment max of (-d(a,n), column) keys by r, then a
+    running max over j; the farthest negative when none is.  Returns weights ``[m, n]`` int32
+    and active pairs per row ``[m]`` int32, as :func:`_semi_hard_small_negatives`.
+    """
+    shape = tf.shape(signed)
+    rows, n = shape[0], shape[1]
+    width = tf.shape(values)[-1]
+    r = tf.searchsorted(values, signed, side="right")  # [m, n]
+    ids = tf.where(large, r, width + 1) + (width + 2) * tf.range(rows)[:, None]
+    keys = _order_key(signed, tf.broadcast_to(tf.range(n), shape))
+    seg = tf.math.unsorted_segment_max(keys, ids, rows * (width + 2))
+    best = _prefix_max(tf.reshape(seg, tf.stack([rows, width + 2]))[:, :width])  # empty: int64 min
+    found = best > tf.int64.min
+    best_value, best_col = _key_value_and_col(tf.where(found, best, tf.zeros_like(best)))
+    farthest_col = tf.argmin(tf.where(large, signed, tf.fill(shape, np.inf)), axis=-1, output_type=tf.int32)
+    col = tf.where(found, best_col, farthest_col[:, None])
+    chosen = -tf.where(found, best_value, tf.gather(signed, col, batch_dims=1))  # d(a, n*)
+    ranks = tf.range(width)[None, :]
+    has_neg = tf.reduce_any(large, axis=-1, keepdims=True)
+    pair = tf.logical_and(ranks < count[:, None], has_neg)
+    d_pos = tf.where(pair, -values, tf.zeros_like(values))  # d(a, p) of the sorted positives
+    active = tf.cast(tf.logical_and(pair, d_pos - chosen + margin > 0.0), tf.int32)
+    weights = _row_counts(tf.concat([cols, col], -1), tf.concat([active, -active], -1), n)
+    return weights, tf.reduce_sum(active, axis=-1)
 
 
 def _semi_hard_loss(g, side, margin):
     """Mean over (a, p) with a negative of max(0, d(a,p) - d(a,n*) + margin).
 
     n* = nearest negative strictly farther than p, else the farthest negative
-    (tensorflow-addons convention).  Small side negatives (:func:`_small_side`): n* is the
-    sorted negative at ``min(searchsorted(d(a,p), "right"), n_neg - 1)``.  Small side
-    positives: a negative with ``r = searchsorted(-d(a,n), "right")`` is farther than the
-    positives of sorted rank >= r, so n* of rank j is the nearest negative with r <= j:
-    a segment max of ``-d(a,n)`` by r, then a running max over j.  The sum is differentiated
-    as ``sum_active (d(a,p) + margin) - sum_n u(a,n) d(a,n)``, u = #active pairs choosing n,
-    so no gradient flows through sort or gather.
+    (tensorflow-addons convention).  Anchor rows are split by which side is sorted
+    (:func:`_small_side`; ``dynamic_partition``), so each row runs only its own case
+    (:func:`_semi_hard_small_negatives`, :func:`_semi_hard_small_positives`).  The sum is
+    differentiated as ``sum_active (d(a,p) + margin) - sum_n u(a,n) d(a,n)``, u = #active
+    pairs choosing n, so no gradient flows through sort or gather.
     """
-    n = tf.shape(g.dist)[-1]
+    shape = tf.shape(g.dist)
+    rows, n = shape[0] * shape[1], shape[2]
     width = tf.shape(side.values)[-1]
-    neg_is_small = side.sign > 0.0  # [b, a, 1]
-    has_neg = (g.n_neg > 0)[:, :, None]
-    # One searchsorted serves both cases: queries d(a,p) (positives large) or -d(a,n) (negatives large).
-    r = tf.searchsorted(side.values, side.signed, side="right")  # [b, a, j]
+    case = tf.cast(tf.reshape(side.sign, [rows]) < 0.0, tf.int32)  # 0: negatives sorted, 1: positives
 
-    # Small side negatives: pairs in column layout [b, a, p].
-    last = tf.minimum(tf.maximum(g.n_neg - 1, 0), width - 1)[:, :, None]  # n_neg <= width in these rows
-    rank = tf.minimum(r, last)
-    pair_a = tf.logical_and(tf.logical_and(side.large, neg_is_small), has_neg)
-    chosen_a = tf.where(pair_a, tf.gather(side.values, rank, batch_dims=2), tf.zeros_like(g.dist))
-    active_a = tf.logical_and(pair_a, side.signed - chosen_a + margin > 0.0)
-    col_a = tf.gather(side.cols, rank, batch_dims=2)
+    def split(t, depth):
+        return tf.dynamic_partition(tf.reshape(t, tf.stack([rows, depth])), case, 2)
 
-    # Small side positives: pairs in sorted layout [b, a, rank].  Keys of (-d(a,n), column),
-    # segment max by r, running max over the rank: the nearest farther negative and its column.
-    neg_large = tf.logical_and(side.large, tf.logical_not(neg_is_small))
-    shape = tf.shape(r)
-    rows = tf.range(shape[0] * shape[1])
-    ids = tf.reshape(tf.where(neg_large, r, width + 1), tf.stack([-1, shape[2]])) + (width + 2) * rows[:, None]
-    keys = _order_key(side.signed, tf.broadcast_to(tf.range(shape[2]), tf.shape(r)))
-    seg = tf.math.unsorted_segment_max(tf.reshape(keys, tf.shape(ids)), ids, shape[0] * shape[1] * (width + 2))
-    seg = tf.reshape(seg, tf.stack([shape[0], shape[1], width + 2]))[:, :, :width]  # empty: int64 min
-    best = _prefix_max(seg)
-    found = best > tf.int64.min
-    best_value, best_col = _key_value_and_col(tf.where(found, best, tf.zeros_like(best)))
-    farthest_col = tf.argmax(tf.where(g.neg, g.dist, -tf.ones_like(g.dist)), axis=-1, output_type=tf.int32)
-    col_b = tf.where(found, best_col, tf.broadcast_to(farthest_col[:, :, None], tf.shape(best_col)))
-    ranks = tf.range(width)[None, None, :]
-    pair_b = tf.logical_and(tf.logical_and(ranks < side.count[:, :, None], tf.logical_not(neg_is_small)), has_neg)
-    d_pos = -side.values  # d(a, p) of the sorted positives
-    d_chosen = tf.where(found, -best_value, tf.gather(tf.stop_gradient(g.dist), col_b, batch_dims=2))
-    active_b = tf.logical_and(pair_b, tf.where(pair_b, d_pos, tf.zeros_like(d_pos)) - d_chosen + margin > 0.0)
-
-    active_b_int = tf.cast(active_b, tf.int32)
-    pos_weight = tf.cast(active_a, tf.int32) + _row_counts(side.cols, active_b_int, n)
-    uses = _row_counts(col_a, tf.cast(active_a, tf.int32), n) + _row_counts(col_b, active_b_int, n)
-    n_active = tf.reduce_sum(tf.reduce_sum(pos_weight, axis=-1), axis=-1)
-    total = _sum_pairs(tf.cast(pos_weight - uses, tf.float32) * g.dist) + margin * tf.cast(n_active, tf.float32)
-    count = tf.cast(tf.reduce_sum(tf.where(has_neg[:, :, 0], g.n_pos, tf.zeros_like(g.n_pos)), axis=-1), tf.float32)
+    signed, large, values, cols = split(side.signed, n), split(side.large, n), split(side.values, width), \
+        split(side.cols, width)
+    n_neg = tf.dynamic_partition(tf.reshape(g.n_neg, [rows]), case, 2)[0]
+    count = tf.dynamic_partition(tf.reshape(side.count, [rows]), case, 2)[1]
+    weights_a, active_a = _semi_hard_small_negatives(signed[0], large[0], values[0], cols[0], n_neg, margin)
+    weights_b, active_b = _semi_hard_small_positives(signed[1], large[1], values[1], cols[1], count, margin)
+    index = tf.dynamic_partition(tf.range(rows), case, 2)
+    weights = tf.reshape(tf.dynamic_stitch(index, [weights_a, weights_b]), shape)
+    active = tf.reshape(tf.dynamic_stitch(index, [active_a, active_b]), shape[:2])
+    n_active = tf.cast(tf.reduce_sum(active, axis=-1), tf.float32)
+    total = _sum_pairs(tf.cast(weights, tf.float32) * g.dist) + margin * n_active
+    has_neg = g.n_neg > 0
+    count = tf.cast(tf.reduce_sum(tf.where(has_neg, g.n_pos, tf.zeros_like(g.n_pos)), axis=-1), tf.float32)
     return tf.math.divide_no_nan(total, count)
 
 
