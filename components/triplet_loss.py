@@ -402,10 +402,9 @@ def _row_counts(index, weight, depth):
     index/weight ``[..., m]`` int32, output ``[..., depth]`` int32; O(rows * (m + depth)).
     """
     shape = tf.shape(index)
-    rows = tf.reduce_prod(shape[:-1])
-    ids = tf.reshape(index, tf.stack([rows, shape[-1]])) + depth * tf.range(rows)[:, None]
-    flat_weight = tf.reshape(weight, tf.shape(ids))
-    counts = tf.math.unsorted_segment_sum(flat_weight, ids, rows * depth)
+    flat = tf.stack([tf.reduce_prod(shape[:-1]), shape[-1]])
+    counts = tf.math.bincount(tf.reshape(index, flat), weights=tf.reshape(weight, flat), minlength=depth,
+                              maxlength=depth, axis=-1)
     return tf.reshape(counts, tf.concat([shape[:-1], [depth]], 0))
 
 
