@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+FAULTS_DIR = Path(__file__).parent / "faults"  # sitecustomize.py: test-only fault injection into workers
+KILL_WORKER_ONCE_ENV = "TRIPLETFLOW_TEST_KILL_WORKER_ONCE"  # = faults/sitecustomize.py's
 START_TIMEOUT_S = 60
 POLL_S = 0.2
 STOP_TIMEOUT_S = 10
@@ -29,6 +31,12 @@ def venv_env(extra: dict | None = None) -> dict:
     """This process's environment, this venv's bin first on PATH, plus `extra`."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return {**os.environ, "PATH": path, **(extra or {})}
+
+
+def kill_worker_once_env(marker) -> dict:
+    """Environment under which the first Beam worker to compute pair statistics dies (tests/faults/)."""
+    python_path = os.pathsep.join(filter(None, [str(FAULTS_DIR), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": python_path, KILL_WORKER_ONCE_ENV: str(marker)}
 
 
 def wait_until_listening(process: subprocess.Popen, port: int, timeout_s: float, poll_s: float = POLL_S) -> str | None:

@@ -17,7 +17,6 @@ import time
 import pytest
 
 from components.embedding_stats.commit import read_manifest
-from components.embedding_stats.statistics import FAULT_ENV
 from tests import beam_services
 from tests.test_pipelines_local import KILLED_WORKER_THREADS, assert_same_outputs, leftovers, stats_flags
 
@@ -80,7 +79,7 @@ def test_a_worker_killed_before_the_commit_leaves_the_previous_output(stats_run,
     marker = tmp_path / "killed"
     before = previous_output(stats_run, output)
     manifest_bytes = (output / "MANIFEST.json").read_bytes()
-    with beam_services.worker_pool({FAULT_ENV: str(marker)}) as pool:
+    with beam_services.worker_pool(beam_services.kill_worker_once_env(marker)) as pool:
         job_id, run_id = launch_detached(stats_run, output, job_service, pool)
         assert wait_for_end(job_service, job_id) == "FAILED"
     assert marker.exists(), "the fault switch did not fire: no worker was killed"

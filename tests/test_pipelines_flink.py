@@ -21,7 +21,6 @@ import time
 import pytest
 
 from components.embedding_stats.commit import read_manifest
-from components.embedding_stats.statistics import FAULT_ENV
 from pipelines import embedding_stats
 from schemas import contract
 from tests import beam_services, flink_cluster
@@ -113,7 +112,7 @@ def test_flink_gives_the_local_runners_tables(stats_run, cluster, job_server_jar
 @KILLED_WORKER_THREADS
 def test_an_sdk_worker_killed_mid_bundle_is_recovered_by_a_restart(stats_run, cluster, job_server_jar, tmp_path):
     output, marker = tmp_path / "out", tmp_path / "killed"
-    with beam_services.worker_pool({FAULT_ENV: str(marker)}) as pool:
+    with beam_services.worker_pool(beam_services.kill_worker_once_env(marker)) as pool:
         code = embedding_stats.run([*stats_flags(stats_run), "--output", str(output),
                                     *flink_flags(cluster, job_server_jar, pool)])
     assert marker.exists(), "the fault switch did not fire: no worker was killed"
@@ -159,7 +158,7 @@ def test_restarts_exhausted_fail_the_job_and_publish_nothing(stats_run, cluster,
             time.sleep(MARKER_POLL_S)
 
     rearmer = threading.Thread(target=rearm, daemon=True)
-    with beam_services.worker_pool({FAULT_ENV: str(marker)}) as pool:
+    with beam_services.worker_pool(beam_services.kill_worker_once_env(marker)) as pool:
         rearmer.start()
         try:
             job_id, run_id = launch_detached(stats_run, output, job_server, pool)

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from components.embedding_stats.commit import read_manifest
-from components.embedding_stats.statistics import FAULT_ENV  # the pair-statistics DoFn's test-only fault switch
 from pipelines import embedding_stats, nightly
 from pipelines.exit_codes import ExitCode
 from schemas import contract
@@ -112,7 +111,8 @@ KILLED_WORKER_THREADS = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandl
 @KILLED_WORKER_THREADS
 def test_a_killed_worker_fails_the_run_without_publishing_and_a_rerun_succeeds(stats_run, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULT_ENV, str(marker))
+    for name, value in beam_services.kill_worker_once_env(marker).items():
+        monkeypatch.setenv(name, value)
     output = tmp_path / "out"
     code = embedding_stats.run([*stats_flags(stats_run), "--output", str(output), *MULTI_PROCESS_FLAGS])
     assert marker.exists(), "the fault switch did not fire: no worker was killed"
@@ -127,7 +127,8 @@ def test_a_killed_worker_fails_the_run_without_publishing_and_a_rerun_succeeds(s
 @KILLED_WORKER_THREADS
 def test_nightly_retries_a_run_whose_worker_died_and_publishes_exact_outputs(stats_run, tmp_path, monkeypatch, capsys):
     marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULT_ENV, str(marker))
+    for name, value in beam_services.kill_worker_once_env(marker).items():
+        monkeypatch.setenv(name, value)
     partition = tmp_path / "in" / "date=2024-05-01"  # the shared sample as one date's partition
     partition.mkdir(parents=True)
     for source in stats_run.input.files:

@@ -5,10 +5,27 @@ from __future__ import annotations
 import uuid
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 METRICS_NAMESPACE = "tripletflow.embedding_stats"
-DEAD = "dead_letter"  # tag of dead-letter outputs
+
+# Tags of the stages' tagged outputs.
+DEAD = "dead_letter"  # dead-letter rows (contract.DEAD_LETTER_SCHEMA), from the read and validate stages
+EXAMPLES = "examples"  # EXAMPLES tables, from the pair-statistics stage, as are:
+PARTIAL = "partial"  # per-batch partial summaries (statistics.partial_summary)
+LABEL_SET = "labels"  # the distinct labels of a batch
+NORMS = "norms"  # the L2 norms of a batch's valid boxes
+FED_MAX = "fed_max_norm"  # the dataset's largest fed-vector norm (a constant of the transform graph)
+
+
+def column_array(batch: pa.RecordBatch, name: str) -> np.ndarray:
+    """A column as a flat numpy array (list columns flattened)."""
+    column = batch.column(batch.schema.get_field_index(name))
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        column = column.flatten()
+    return column.to_numpy(zero_copy_only=False)
 
 
 def dead_letter(source_file, reason, detail, example_id=None, raw=None) -> dict:

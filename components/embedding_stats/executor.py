@@ -28,7 +28,7 @@ from components.embedding_stats.commit import (
     discard,
     read_manifest,
 )
-from components.embedding_stats.common import DEAD
+from components.embedding_stats.common import DEAD, EXAMPLES, FED_MAX, LABEL_SET, NORMS, PARTIAL
 from components.embedding_stats.norms import AnalyzeNorms, TransformNorms, WriteTransformGraph
 from components.embedding_stats.options import (
     EmbeddingStatsOptions,
@@ -38,9 +38,10 @@ from components.embedding_stats.options import (
     validate_options,
 )
 from components.embedding_stats.read import ReadRecords, non_regular_files_error
-from components.embedding_stats.statistics import EXAMPLES, FED_MAX, LABEL_SET, NORMS, PARTIAL, VECTORS, PairStatistics
+from components.embedding_stats.statistics import PairStatistics
 from components.embedding_stats.summary import Summarize
 from components.embedding_stats.validate import ValidateRecords
+from components.embedding_stats.vectors import VectorsTable
 from components.embedding_stats.write import WriteOutputs
 from components.storage import canonical, is_local, read_json
 from schemas import contract
@@ -160,7 +161,8 @@ def build_pipeline(p: beam.Pipeline, options, run: RunInfo, tft_temp_dir: str | 
     dead = (read[DEAD], validated[DEAD]) | "AllDeadLetters" >> beam.Flatten()
     summary = {**{tag: stats[tag] for tag in (PARTIAL, LABEL_SET, NORMS, FED_MAX)}, DEAD: dead} | "Summarize" >> Summarize(
         loss=loss, bins=opts.histogram_bins)
-    written = (stats[VECTORS], stats[EXAMPLES], dead, summary) | "WriteOutputs" >> WriteOutputs(run.run_dir)
+    vectors = transformed | "VectorsTable" >> VectorsTable(grid)
+    written = (vectors, stats[EXAMPLES], dead, summary) | "WriteOutputs" >> WriteOutputs(run.run_dir)
     cache_deleted = (p | "CacheDir" >> beam.Create([cache_dir])
                      | "DeleteBoxCache" >> beam.Map(delete_cache, *[beam.pvalue.AsIter(w) for w in written]))
     manifest = (summary, graph_written, cache_deleted, *written) | "CommitRun" >> CommitRun(run)

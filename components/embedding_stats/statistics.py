@@ -5,13 +5,12 @@ Regroups each batch's box rows into their examples and calls the loss graph
 on that example alone, so an example's results do not depend on its batch mates: bit for bit
 on one machine (tested), within float32 rounding bounds across CPUs (kernels differ by
 instruction set). Emits the
-vectors/examples tables and small per-batch partials for the summary.
+examples table and small per-batch partials for the summary (the vectors table: vectors.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 
@@ -22,29 +21,21 @@ from apache_beam.metrics import Metrics
 
 from components import triplet_loss
 from components.embedding_stats import preprocessing as pp
-from components.embedding_stats.common import METRICS_NAMESPACE
+from components.embedding_stats.common import (
+    EXAMPLES,
+    FED_MAX,
+    LABEL_SET,
+    METRICS_NAMESPACE,
+    NORMS,
+    PARTIAL,
+    column_array,
+)
 from components.loss_settings import DISTANCE_CAP, LossSettings
 from schemas import contract
 
 SET_SIZE_STEP = 16  # padded set sizes: powers of two up to this, then multiples of it
 MAX_PAIR_CELLS_PER_CALL = 1 << 23  # bound on examples * boxes^2 per loss-graph call (memory)
 PROGRESS_EVERY_EXAMPLES = 500  # a progress line on stderr every this many examples (per worker)
-
-VECTORS = "vectors"
-EXAMPLES = "examples"
-PARTIAL = "partial"
-LABEL_SET = "labels"
-NORMS = "norms"
-FED_MAX = "fed_max_norm"  # the dataset's largest fed-vector norm (a constant of the transform graph)
-
-
-def _column(batch: pa.RecordBatch, name: str) -> np.ndarray:
-    """A column as a flat numpy array (list columns flattened)."""
-    column = batch.column(batch.schema.get_field_index(name))
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        column = column.flatten()
-    return column.to_numpy(zero_copy_only=False)
-
 
 def padded_set_size(valid_boxes: int) -> int:
     """Boxes of the padded set an example is computed in: depends on that example alone.
@@ -110,25 +101,8 @@ def histogram_edges(loss: LossSettings, fed_max_norm: float, bins: int) -> np.nd
     return np.linspace(0.0, histogram_range(loss, fed_max_norm), bins + 1)
 
 
-FAULT_ENV = "TRIPLETFLOW_TEST_KILL_WORKER_ONCE"  # test-only: path of a marker file; unset in production
-KILLED_WORKER_EXIT_CODE = 17
-
-
-def _maybe_kill_worker_once():
-    """Test-only fault (issue #7): the first worker to get here creates the marker and dies (os._exit)."""
-    marker = os.environ.get(FAULT_ENV)
-    if not marker:
-        return
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    os._exit(KILLED_WORKER_EXIT_CODE)
-
-
 class _PairStatisticsFn(beam.DoFn):
-    """Transformed box record batch -> VECTORS table, EXAMPLES table, PARTIAL summary, LABEL_SET, NORMS.
+    """Transformed box record batch -> EXAMPLES table, PARTIAL summary, LABEL_SET, NORMS, FED_MAX.
 
     One compiled TF call per batch (built once per worker in setup) computes the loss graph's
     statistics and the per-batch histograms of positive/negative pair distances.
@@ -161,23 +135,21 @@ class _PairStatisticsFn(beam.DoFn):
         self._started = time.monotonic()
 
     def process(self, batch: pa.RecordBatch):
-        _maybe_kill_worker_once()
         if batch.num_rows == 0:
             return
-        labels = _column(batch, pp.OUT_LABEL).astype(np.int64)  # [rows]
+        labels = column_array(batch, pp.OUT_LABEL).astype(np.int64)  # [rows]
         valid = labels >= 0
-        sets = BoxSets.from_rows(_column(batch, contract.BOX_SET), valid)
+        sets = BoxSets.from_rows(column_array(batch, contract.BOX_SET), valid)
         n = len(sets.starts)
-        ids = [value.decode("utf-8") for value in _column(batch, contract.BOX_EXAMPLE_ID)[sets.starts]]
-        fed = _column(batch, pp.OUT_EMBEDDING).astype(np.float32, copy=False).reshape(batch.num_rows, -1)
-        fed_max_norm = float(_column(batch, pp.OUT_FED_MAX_NORM)[0])
+        ids = [value.decode("utf-8") for value in column_array(batch, contract.BOX_EXAMPLE_ID)[sets.starts]]
+        fed = column_array(batch, pp.OUT_EMBEDDING).astype(np.float32, copy=False).reshape(batch.num_rows, -1)
+        fed_max_norm = float(column_array(batch, pp.OUT_FED_MAX_NORM)[0])
         upper_edge = histogram_range(self._loss, fed_max_norm)
 
         stats, pos_hist, neg_hist = self._loss_graph(sets, fed, labels, upper_edge)
 
         yield beam.pvalue.TaggedOutput(EXAMPLES, self._examples_table(ids, stats))
-        yield beam.pvalue.TaggedOutput(VECTORS, self._vectors_table(batch, valid))
-        l2 = _column(batch, pp.OUT_L2)[valid].astype(np.float64)
+        l2 = column_array(batch, pp.OUT_L2)[valid].astype(np.float64)
         yield beam.pvalue.TaggedOutput(NORMS, l2.tolist())
         yield beam.pvalue.TaggedOutput(LABEL_SET, np.unique(labels[valid]).tolist())
         yield beam.pvalue.TaggedOutput(FED_MAX, fed_max_norm)
@@ -231,28 +203,6 @@ class _PairStatisticsFn(beam.DoFn):
                 arrays.append(pa.array(values.astype(np.float32), pa.float32(), mask=undefined))
         return pa.Table.from_arrays(arrays, schema=contract.EXAMPLES_SCHEMA)
 
-    def _vectors_table(self, batch, valid) -> pa.Table:
-        """The valid box rows of a transformed batch as a VECTORS table."""
-        rows = batch.filter(pa.array(valid))
-        level, row, col, anchor = self._grid.box_position(_column(rows, contract.BOX_INDEX))
-
-        def per_box(name, dtype):
-            return pa.array(_column(rows, name).astype(dtype, copy=False), pa.from_numpy_dtype(dtype))
-
-        embedding = rows.column(pp.OUT_EMBEDDING)
-        arrays = [
-            rows.column(contract.BOX_EXAMPLE_ID).flatten().cast(pa.string()),
-            pa.array(level.astype(np.int32)), pa.array(row.astype(np.int32)),
-            pa.array(col.astype(np.int32)), pa.array(anchor.astype(np.int32)),
-            per_box(pp.OUT_LABEL, np.int64),
-            per_box(pp.OUT_L2, np.float32), per_box(pp.OUT_L1, np.float32), per_box(pp.OUT_MAX_ABS, np.float32),
-            per_box(pp.OUT_L2_Z, np.float32), per_box(pp.OUT_BUCKET, np.int64),
-            pa.ListArray.from_arrays(
-                pa.array(np.arange(len(rows) + 1, dtype=np.int32) * self._grid.dim, pa.int32()),
-                embedding.flatten().cast(pa.float32())),
-        ]
-        return pa.Table.from_arrays(arrays, schema=contract.VECTORS_SCHEMA)
-
 
 def partial_summary(stats, l2, pos_hist, neg_hist) -> dict:
     """Bounded per-batch accumulator of the dataset summary (merged by SummaryCombineFn)."""
@@ -279,7 +229,7 @@ def partial_summary(stats, l2, pos_hist, neg_hist) -> dict:
 
 
 class PairStatistics(beam.PTransform):
-    """Transformed box record batches -> tagged VECTORS / EXAMPLES tables, PARTIAL summaries, LABEL_SET, NORMS."""
+    """Transformed box record batches -> tagged EXAMPLES tables, PARTIAL summaries, LABEL_SET, NORMS, FED_MAX."""
 
     def __init__(self, grid, *, loss: LossSettings, bins: int):
         super().__init__()
@@ -287,4 +237,4 @@ class PairStatistics(beam.PTransform):
 
     def expand(self, batches):
         return batches | "LossGraph" >> beam.ParDo(self._fn).with_outputs(
-            VECTORS, EXAMPLES, PARTIAL, LABEL_SET, NORMS, FED_MAX)
+            EXAMPLES, PARTIAL, LABEL_SET, NORMS, FED_MAX)

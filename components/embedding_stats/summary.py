@@ -10,15 +10,8 @@ import apache_beam as beam
 import numpy as np
 
 from components import triplet_loss
-from components.embedding_stats.common import DEAD
-from components.embedding_stats.statistics import (
-    FED_MAX,
-    LABEL_SET,
-    NORMS,
-    PARTIAL,
-    histogram_edges,
-    partial_summary,
-)
+from components.embedding_stats.common import DEAD, FED_MAX, LABEL_SET, NORMS, PARTIAL
+from components.embedding_stats.statistics import histogram_edges, partial_summary
 from components.loss_settings import LossSettings
 from schemas import contract
 
