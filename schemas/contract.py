@@ -175,20 +175,29 @@ class Reason:
 # ---------------------------------------------------------------------------
 # Outputs: Parquet tables.
 # ---------------------------------------------------------------------------
+# Column names, declared once: the schemas below, the stages and every reader use these.
+COL_EXAMPLE_ID = "example_id"  # in all three tables
+COL_LEVEL, COL_ROW, COL_COL, COL_ANCHOR = "level", "row", "col", "anchor"  # the box's grid position
+COL_LABEL = "label"
+COL_L2_NORM, COL_L1_NORM, COL_MAX_ABS = "l2_norm", "l1_norm", "max_abs"  # raw-embedding units
+COL_L2_NORM_Z, COL_L2_NORM_BUCKET = "l2_norm_z", "l2_norm_bucket"
+COL_EMBEDDING = "embedding"  # the fed (normalized) vector
+COL_SOURCE_FILE, COL_REASON, COL_DETAIL, COL_RAW = "source_file", "reason", "detail", "raw"  # dead letters
+
 VECTORS_SCHEMA = pa.schema(
     [
-        pa.field("example_id", pa.string(), nullable=False),
-        pa.field("level", pa.int32(), nullable=False),
-        pa.field("row", pa.int32(), nullable=False),
-        pa.field("col", pa.int32(), nullable=False),
-        pa.field("anchor", pa.int32(), nullable=False),
-        pa.field("label", pa.int64(), nullable=False),
-        pa.field("l2_norm", pa.float32(), nullable=False),
-        pa.field("l1_norm", pa.float32(), nullable=False),
-        pa.field("max_abs", pa.float32(), nullable=False),
-        pa.field("l2_norm_z", pa.float32(), nullable=False),
-        pa.field("l2_norm_bucket", pa.int64(), nullable=False),
-        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
+        pa.field(COL_EXAMPLE_ID, pa.string(), nullable=False),
+        pa.field(COL_LEVEL, pa.int32(), nullable=False),
+        pa.field(COL_ROW, pa.int32(), nullable=False),
+        pa.field(COL_COL, pa.int32(), nullable=False),
+        pa.field(COL_ANCHOR, pa.int32(), nullable=False),
+        pa.field(COL_LABEL, pa.int64(), nullable=False),
+        pa.field(COL_L2_NORM, pa.float32(), nullable=False),
+        pa.field(COL_L1_NORM, pa.float32(), nullable=False),
+        pa.field(COL_MAX_ABS, pa.float32(), nullable=False),
+        pa.field(COL_L2_NORM_Z, pa.float32(), nullable=False),
+        pa.field(COL_L2_NORM_BUCKET, pa.int64(), nullable=False),
+        pa.field(COL_EMBEDDING, pa.list_(pa.float32()), nullable=False),
     ]
 )
 
@@ -231,7 +240,7 @@ NULL_WHEN_ZERO = {
 }
 
 EXAMPLES_SCHEMA = pa.schema(
-    [pa.field("example_id", pa.string(), nullable=False)]
+    [pa.field(COL_EXAMPLE_ID, pa.string(), nullable=False)]
     + [
         pa.field(name, pa.int64(), nullable=False)
         if name in EXAMPLE_COUNT_COLUMNS
@@ -242,19 +251,21 @@ EXAMPLES_SCHEMA = pa.schema(
 
 DEAD_LETTER_SCHEMA = pa.schema(
     [
-        pa.field("source_file", pa.string(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("detail", pa.string(), nullable=False),
-        pa.field("example_id", pa.string(), nullable=True),
-        pa.field("raw", pa.binary(), nullable=True),
+        pa.field(COL_SOURCE_FILE, pa.string(), nullable=False),
+        pa.field(COL_REASON, pa.string(), nullable=False),
+        pa.field(COL_DETAIL, pa.string(), nullable=False),
+        pa.field(COL_EXAMPLE_ID, pa.string(), nullable=True),
+        pa.field(COL_RAW, pa.binary(), nullable=True),
     ]
 )
 
-TABLE_SCHEMAS = {
-    "vectors": VECTORS_SCHEMA,
-    "examples": EXAMPLES_SCHEMA,
-    "dead_letter": DEAD_LETTER_SCHEMA,
-}
+
+def check_columns(schema: pa.Schema, columns, reader: str) -> tuple:
+    """`columns` (a reader's selection) unchanged; ValueError at import when one is not in `schema`."""
+    unknown = [name for name in columns if name not in schema.names]
+    if unknown:
+        raise ValueError(f"{reader} reads columns {unknown} that the contract does not declare")
+    return tuple(columns)
 
 # ---------------------------------------------------------------------------
 # Outputs: files and JSON documents of one run's output directory.
@@ -268,6 +279,7 @@ SUMMARY_PARQUET_FILE = "summary.parquet"  # summary.json as one row (SUMMARY_SCH
 MANIFEST_FILE = "MANIFEST.json"  # written last: its presence marks a complete run
 REPORT_FILE = "report.html"
 ALERTS_FILE = "alerts.json"
+TABLE_SCHEMAS = {VECTORS_DIR: VECTORS_SCHEMA, EXAMPLES_DIR: EXAMPLES_SCHEMA, DEAD_LETTER_DIR: DEAD_LETTER_SCHEMA}
 
 # summary.json, and the same as one row of summary.parquet (for querying many runs together,
 # e.g. every night of a nightly job); see README.md for each key's meaning and units.

@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
+from schemas import contract
+
 METRICS_NAMESPACE = "tripletflow.embedding_stats"
 
 # Tags of the stages' tagged outputs.
@@ -30,7 +32,8 @@ def column_array(batch: pa.RecordBatch, name: str) -> np.ndarray:
 
 def dead_letter(source_file, reason, detail, example_id=None, raw=None) -> dict:
     """One `dead_letter` row (contract.DEAD_LETTER_SCHEMA)."""
-    return {"source_file": source_file, "reason": reason, "detail": detail, "example_id": example_id, "raw": raw}
+    return {contract.COL_SOURCE_FILE: source_file, contract.COL_REASON: reason, contract.COL_DETAIL: detail,
+            contract.COL_EXAMPLE_ID: example_id, contract.COL_RAW: raw}
 
 
 def _in_global_window(value):

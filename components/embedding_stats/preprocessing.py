@@ -26,14 +26,15 @@ from schemas import contract
 # Relative accuracy of the quantile sketch behind l2_norm_bucket (TFT's default is 0.01).
 QUANTILE_EPSILON = 0.001
 
-OUT_LABEL = "label"
-OUT_L2 = "l2_norm"
-OUT_L1 = "l1_norm"
-OUT_MAX_ABS = "max_abs"
-OUT_L2_Z = "l2_norm_z"
-OUT_BUCKET = "l2_norm_bucket"
-OUT_EMBEDDING = "embedding"
-OUT_FED_MAX_NORM = "fed_max_norm"
+# Outputs named as the VECTORS columns they become.
+OUT_LABEL = contract.COL_LABEL
+OUT_L2 = contract.COL_L2_NORM
+OUT_L1 = contract.COL_L1_NORM
+OUT_MAX_ABS = contract.COL_MAX_ABS
+OUT_L2_Z = contract.COL_L2_NORM_Z
+OUT_BUCKET = contract.COL_L2_NORM_BUCKET
+OUT_EMBEDDING = contract.COL_EMBEDDING
+OUT_FED_MAX_NORM = "fed_max_norm"  # a constant of the graph, not a column
 
 
 def make_preprocessing_fn(*, normalize: bool = True, center: bool = False, norm_buckets: int = 10):

@@ -127,7 +127,7 @@ class Summarize(beam.PTransform):
         stats, dead = inputs, inputs[DEAD]
         p = dead.pipeline
         partial = stats[PARTIAL] | "MergePartials" >> beam.CombineGlobally(SummaryCombineFn(self._bins))
-        by_reason = (dead | "Reason" >> beam.Map(lambda row: row["reason"])
+        by_reason = (dead | "Reason" >> beam.Map(lambda row: row[contract.COL_REASON])
                      | "CountReasons" >> beam.combiners.Count.PerElement()
                      | "ReasonDict" >> beam.combiners.ToDict())
         identities = (stats[LABEL_SET] | "Labels" >> beam.FlatMap(lambda labels: labels)

@@ -16,7 +16,7 @@ from components.report.run_data import RunData, finite_or_none, load_run
 from schemas import contract
 
 WORST_EXAMPLES = 10  # rows of the worst-examples table
-WORST_BY = "batch_all_loss"  # the loss the worst examples are ranked by
+WORST_BY = "batch_all_loss"  # the loss the worst examples are ranked by (an EXAMPLE_STATISTIC_COLUMNS name)
 WORST_BY_LABEL = "batch-all loss"
 
 # summary.json keys shown as headline figures, with their labels, in two tables: the data
@@ -84,9 +84,9 @@ def worst_examples_rows(run: RunData) -> list:
     table = run.examples.filter(pc.is_valid(run.examples.column(WORST_BY)))
     if table.num_rows == 0:
         return []
-    order = pc.sort_indices(table, sort_keys=[(WORST_BY, "descending"), ("example_id", "ascending")])
+    order = pc.sort_indices(table, sort_keys=[(WORST_BY, "descending"), (contract.COL_EXAMPLE_ID, "ascending")])
     top = table.take(order[:WORST_EXAMPLES]).to_pylist()
-    return [(None, [row["example_id"], row["n_boxes"], row["n_triplets"], row["n_active_triplets"],
+    return [(None, [row[contract.COL_EXAMPLE_ID], row["n_boxes"], row["n_triplets"], row["n_active_triplets"],
                     _number(row["batch_all_loss"]), _number(row["batch_hard_loss"]),
                     _number(row["semi_hard_loss"])]) for row in top]
 
@@ -170,10 +170,10 @@ def generate_report(output_dir: str, history_root: str | None = None, thresholds
     found = alerts_lib.check(current, history.runs if history else [], limits)
 
     # float64: sums of float32 norms near 1e38 (accepted up to validate.MAX_L1_NORM) would overflow.
-    l2 = run.vectors.column("l2_norm").to_numpy(zero_copy_only=False).astype(np.float64)
-    l2_z = run.vectors.column("l2_norm_z").to_numpy(zero_copy_only=False).astype(np.float64)
-    level = run.vectors.column("level").to_numpy(zero_copy_only=False)
-    anchor = run.vectors.column("anchor").to_numpy(zero_copy_only=False)
+    l2 = run.vectors.column(contract.COL_L2_NORM).to_numpy(zero_copy_only=False).astype(np.float64)
+    l2_z = run.vectors.column(contract.COL_L2_NORM_Z).to_numpy(zero_copy_only=False).astype(np.float64)
+    level = run.vectors.column(contract.COL_LEVEL).to_numpy(zero_copy_only=False)
+    anchor = run.vectors.column(contract.COL_ANCHOR).to_numpy(zero_copy_only=False)
     norm_summary = summary.get("l2_norm") or {}
     sections = [
         ("alerts-section", "", html.alerts_block(found)),

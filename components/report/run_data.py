@@ -21,13 +21,14 @@ from components.trainer.spec import METRICS_FILE as TRAINER_METRICS_FILE
 from schemas import contract
 
 # Columns of `vectors` the report plots: position in the grid, raw and z-scored norm.
-VECTOR_COLUMNS = ("level", "anchor", "l2_norm", "l2_norm_z")
+VECTOR_COLUMNS = (contract.COL_LEVEL, contract.COL_ANCHOR, contract.COL_L2_NORM, contract.COL_L2_NORM_Z)
 # Boxes in the norm figures: a uniform sample this large draws the same distributions as the
 # whole table, and bounds the report's memory (~20 bytes a box) whatever the run's size.
 MAX_PLOTTED_BOXES = 200_000
 SAMPLE_SEED = 0  # the sample is the same on every re-run of a report
-EXAMPLE_COLUMNS = ("example_id", "n_boxes", "n_neg_pairs", "n_triplets", "n_active_triplets", "pos_dist_mean",
-                   "neg_dist_mean", "batch_all_loss", "batch_hard_loss", "semi_hard_loss")
+EXAMPLE_COLUMNS = contract.check_columns(contract.EXAMPLES_SCHEMA, (
+    contract.COL_EXAMPLE_ID, "n_boxes", "n_neg_pairs", "n_triplets", "n_active_triplets", "pos_dist_mean",
+    "neg_dist_mean", "batch_all_loss", "batch_hard_loss", "semi_hard_loss"), "the report")
 
 MODEL_SUBDIR = "model"  # a trainer output directory placed inside the run's output
 

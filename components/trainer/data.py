@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from components.trainer import fileio
 from schemas import contract
 
-ID_COLUMN, LABEL_COLUMN, EMBEDDING_COLUMN = "example_id", "label", "embedding"
+ID_COLUMN, LABEL_COLUMN, EMBEDDING_COLUMN = contract.COL_EXAMPLE_ID, contract.COL_LABEL, contract.COL_EMBEDDING
 for _name in (ID_COLUMN, LABEL_COLUMN, EMBEDDING_COLUMN):
     assert _name in contract.VECTORS_SCHEMA.names, _name
 
