@@ -119,25 +119,16 @@ def main(argv=None) -> int:
     # 1. Input pipeline alone.
     start = time.perf_counter()
     seen = 0
-    for batch in executor._dataset(data.TRAIN, grid.dim, epoch=1):
+    for batch in executor.dataset(data.TRAIN, grid.dim, epoch=1):
         seen += int(batch["labels"].shape[0])
     pipeline_seconds = time.perf_counter() - start
     assert seen == n_train, (seen, n_train)
 
-    # 2. Training step alone, on the same batches cached in (device) memory.
-    import tf_keras
-
-    from components.trainer import model
-
+    # 2. Training step alone, on the same batches cached in (device) memory: the Executor's model and step.
     strategy = choose_strategy()
-    with strategy.scope():
-        head = model.ProjectionHead(grid.dim, hidden=hidden, compute_dtype=tf.float16 if args.mixed_precision else tf.float32)
-        optimizer = tf_keras.optimizers.Adam(options.learning_rate)
-        if args.mixed_precision:
-            optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
-        optimizer.build(head.trainable_variables)
-    step = executor._train_step(strategy, head, optimizer)
-    cached = list(strategy.experimental_distribute_dataset(executor._dataset(data.TRAIN, grid.dim, epoch=1).cache()))
+    head, optimizer = executor.build_model(strategy, grid.dim)
+    step = executor.train_step(strategy, head, optimizer)
+    cached = list(strategy.experimental_distribute_dataset(executor.dataset(data.TRAIN, grid.dim, epoch=1).cache()))
     for batch in cached[:WARMUP_STEPS]:
         float(step(batch))
     start = time.perf_counter()

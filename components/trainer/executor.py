@@ -101,7 +101,7 @@ class Executor:
         self.verbose = verbose
 
     # ------------------------------------------------------------------ data
-    def _dataset(self, split: str, dim: int, epoch: int | None):
+    def dataset(self, split: str, dim: int, epoch: int | None):
         o = self.options
         return data.make_dataset(
             self.spec.stats_dirs,
@@ -145,13 +145,8 @@ class Executor:
         _check_resume(spec)
 
         strategy = self.strategy or choose_strategy()
-        compute_dtype = tf.float16 if o.mixed_precision else tf.float32
+        head, optimizer = self.build_model(strategy, dim)
         with strategy.scope():
-            head = model.ProjectionHead(dim, dim, hidden=o.hidden, seed=o.seed, compute_dtype=compute_dtype)
-            optimizer = tf_keras.optimizers.Adam(o.learning_rate)
-            if o.mixed_precision:
-                optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
-            optimizer.build(head.trainable_variables)
             epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         checkpoint = tf.train.Checkpoint(head=head, optimizer=optimizer, epoch=epoch_var)
         manager = tf.train.CheckpointManager(checkpoint, spec.checkpoint_dir, max_to_keep=CHECKPOINTS_KEPT)
@@ -163,7 +158,7 @@ class Executor:
         if self.verbose and start_epoch:
             print(f"resuming from checkpoint after epoch {start_epoch}")
 
-        train_step = self._train_step(strategy, head, optimizer)
+        train_step = self.train_step(strategy, head, optimizer)
         status = "complete"
         for epoch in range(start_epoch + 1, o.epochs + 1):
             history.append(self._epoch(strategy, train_step, dim, epoch, counts[data.TRAIN]))
@@ -185,7 +180,7 @@ class Executor:
             "epochs": history,
         }
         if status == "complete":
-            validation = self._dataset(data.VALIDATION, dim, None)
+            validation = self.dataset(data.VALIDATION, dim, None)
             baseline = model.ProjectionHead(dim, identity=True)
             document["validation"] = {
                 "baseline": metrics.evaluate(tf.function(baseline, reduce_retracing=True, autograph=False), validation, o.margin, o.distance),
@@ -198,7 +193,20 @@ class Executor:
         self.head = head
         return document
 
-    def _train_step(self, strategy, head, optimizer):
+    def build_model(self, strategy: tf.distribute.Strategy, dim: int):
+        """(head, optimizer) in `strategy`'s scope: the projection head [.., dim] -> [.., dim] and its Adam."""
+        o = self.options
+        with strategy.scope():
+            head = model.ProjectionHead(dim, dim, hidden=o.hidden, seed=o.seed,
+                                        compute_dtype=tf.float16 if o.mixed_precision else tf.float32)
+            optimizer = tf_keras.optimizers.Adam(o.learning_rate)
+            if o.mixed_precision:
+                optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
+            optimizer.build(head.trainable_variables)
+        return head, optimizer
+
+    def train_step(self, strategy, head, optimizer):
+        """The compiled step: one distributed batch -> its loss (summed over replicas), the head updated."""
         o = self.options
         replicas = strategy.num_replicas_in_sync
 
@@ -228,7 +236,7 @@ class Executor:
 
     def _epoch(self, strategy, train_step, dim: int, epoch: int, n_sets: int) -> dict:
         o = self.options
-        dataset = strategy.experimental_distribute_dataset(self._dataset(data.TRAIN, dim, epoch))
+        dataset = strategy.experimental_distribute_dataset(self.dataset(data.TRAIN, dim, epoch))
         steps_target = -(-n_sets // o.batch_size)
         progbar = tf_keras.utils.Progbar(steps_target, verbose=1 if self.verbose else 0, unit_name="step")
         if self.verbose:
