@@ -8,6 +8,8 @@ checkpoints and SavedModels use anyway.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -90,6 +92,73 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, document) -> None:
     write_bytes(path, json.dumps(document, indent=JSON_INDENT).encode("utf-8"), mime_type="application/json")
+
+
+class ConcurrentUpdate(Exception):
+    """The document at a path changed between reading it and writing over it."""
+
+
+def read_json_version(path: str):
+    """(the JSON document at `path` or None when absent, its version for `write_json_if_unchanged`)."""
+    if is_local(path):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None, None
+        return json.loads(data), data  # local version: the bytes themselves (inodes are reused)
+    blob = _gcs_blob(path, reload=True)
+    if blob is None:
+        return None, None
+    data = blob.download_as_bytes(if_generation_match=blob.generation)
+    return json.loads(data), blob.generation
+
+
+def write_json_if_unchanged(path: str, document, version) -> None:
+    """Writes `document` at `path` only if it still holds `version` (None: no document); else ConcurrentUpdate.
+
+    The compare and the write are one step: locally under an advisory lock on the folder, on
+    gs:// by GCS's ifGenerationMatch precondition. Two writers racing never both win.
+    """
+    data = json.dumps(document, indent=JSON_INDENT).encode("utf-8")
+    if is_local(path):
+        with _folder_lock(os.path.dirname(os.path.abspath(path))):
+            try:
+                with open(path, "rb") as f:
+                    current = f.read()
+            except FileNotFoundError:
+                current = None
+            if current != version:
+                raise ConcurrentUpdate(path)
+            write_bytes(path, data)
+        return
+    from google.api_core.exceptions import PreconditionFailed
+
+    try:
+        _gcs_blob(path).upload_from_string(data, content_type="application/json",
+                                           if_generation_match=version or 0)  # 0: only if absent
+    except PreconditionFailed:
+        raise ConcurrentUpdate(path) from None
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: str):
+    """An exclusive advisory lock (flock) on a local folder itself: no lock file to leave behind."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _gcs_blob(path: str, reload: bool = False):
+    """The google-cloud-storage Blob of a gs:// path (Beam's own client); with `reload`, None when absent."""
+    from apache_beam.io.gcp import gcsio
+
+    bucket, name = gcsio.parse_gcs_path(path)
+    bucket = gcsio.GcsIO().client.bucket(bucket)
+    return bucket.get_blob(name) if reload else bucket.blob(name)
 
 
 def delete_tree(path: str) -> None:

@@ -76,6 +76,27 @@ def test_the_later_started_of_two_runs_wins_whichever_commits_first(stats_run, t
         assert_same_outputs(output, stats_run.output_dir)
 
 
+def test_a_later_run_committing_between_the_check_and_the_write_still_wins(stats_run, tmp_path, monkeypatch):
+    """The race the manifest's conditional write closes: older checks (nothing there), newer commits, older writes."""
+    summary = ref.read_summary(stats_run.output_dir)
+    output = tmp_path / "out"
+    older = _run_copy(stats_run, output, "20240101T000000000000Z-aaaaaaaa")
+    newer = _run_copy(stats_run, output, "20240101T000001000000Z-bbbbbbbb")
+    build_manifest = commit.build_manifest
+
+    def newer_commits_first(run, *args):
+        if run is older and not (output / contract.MANIFEST_FILE).exists():
+            commit.commit(None, newer, summary)  # lands after older's check and count, before its write
+        return build_manifest(run, *args)
+
+    monkeypatch.setattr(commit, "build_manifest", newer_commits_first)
+    with pytest.raises(commit.CommitError, match="superseded"):
+        commit.commit(None, older, summary)
+    assert ref.manifest(output)["run_id"] == newer.run_id
+    assert os.listdir(output / contract.RUNS_DIR) == [newer.run_id]
+    assert_same_outputs(output, stats_run.output_dir)
+
+
 def test_a_run_whose_tables_disagree_with_its_summary_does_not_commit(stats_run, tmp_path):
     output = tmp_path / "out"
     run = _run_copy(stats_run, output, "20240101T000000000000Z-cccccccc")

@@ -23,12 +23,22 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from components.embedding_stats.write import PARQUET_SUFFIX
-from components.storage import canonical, delete_tree, is_local, read_json, write_json
+from components.storage import (
+    ConcurrentUpdate,
+    canonical,
+    delete_tree,
+    is_local,
+    read_json,
+    read_json_version,
+    write_json_if_unchanged,
+)
 from schemas import contract
 
 TFT_TEMP_DIR = ".tft_tmp"  # tf.Transform's scratch space inside the run directory
 BOX_CACHE_DIR = ".box_cache"  # the analysis pass's box batches, replayed by the transform pass
 SCRATCH_DIRS = (TFT_TEMP_DIR, BOX_CACHE_DIR)  # deleted before the commit: never part of a run
+# A commit retried this often because other runs kept committing in between gives up (CommitError).
+MAX_COMMIT_ATTEMPTS = 8
 VERSIONED_PACKAGES = ("tripletflow", "apache-beam", "tensorflow", "tensorflow-transform", "tfx-bsl",
                       "pyarrow", "numpy")
 # Tables whose row count must equal a count of the summary before a run may commit.
@@ -195,22 +205,39 @@ def delete_replaced(run: RunInfo) -> None:
         FileSystems.delete(stale)
 
 
+def _refuse_if_superseded(run: RunInfo, manifest: dict | None) -> None:
+    if manifest and manifest.get("run_id", "") > run.run_id:
+        raise CommitError(f"run {run.run_id} was superseded by run {manifest['run_id']}, which started later "
+                          "and has committed: nothing published")
+
+
 def commit(_, run: RunInfo, summary: dict, *written) -> dict:
     """Writes the run's MANIFEST.json, making it the output's current run; returns the manifest.
 
     `written` are the write stages' outputs, only waited for. Raises CommitError, publishing
-    nothing, when a run that started later has already committed.
+    nothing, when a run that started later has already committed. The check and the write are
+    one conditional step: a run committing in between sends this one back to the check.
     """
     for name in SCRATCH_DIRS:
         delete_tree(run.path(name))
-    previous = read_manifest(run.output_dir)
-    if previous and previous.get("run_id", "") > run.run_id:
-        raise CommitError(f"run {run.run_id} was superseded by run {previous['run_id']}, which started later "
-                          "and has committed: nothing published")
-    files = run_files(run)
-    check_counts(run, files, summary)
-    manifest = build_manifest(run, summary, files)
-    write_json(contract.output_path(run.output_dir, contract.MANIFEST_FILE), manifest)  # the commit
+    path = contract.output_path(run.output_dir, contract.MANIFEST_FILE)
+    for _ in range(MAX_COMMIT_ATTEMPTS):
+        previous, version = read_json_version(path)
+        _refuse_if_superseded(run, previous)
+        files = run_files(run)
+        try:
+            check_counts(run, files, summary)
+        except CommitError:  # files missing: deleted by a later-started run that committed meanwhile?
+            _refuse_if_superseded(run, read_json_version(path)[0])
+            raise
+        manifest = build_manifest(run, summary, files)
+        try:
+            write_json_if_unchanged(path, manifest, version)  # the commit
+            break
+        except ConcurrentUpdate:
+            _LOG.info("run %s: another run committed meanwhile; checking again", run.run_id)
+    else:
+        raise CommitError(f"run {run.run_id}: {path} kept changing over {MAX_COMMIT_ATTEMPTS} attempts to commit")
     _LOG.info("committed run %s: %d files under %s", run.run_id, len(files), run.run_dir)
     delete_replaced(run)
     return manifest
