@@ -1,7 +1,8 @@
 """Bounded triplet statistics and losses for padded per-image sets of box embeddings.
 
-This module is the single source of truth for the loss math (TensorFlow only, no
-Beam).  Inputs are padded sets:
+This module is the single source of truth for the loss math (TensorFlow only: no
+Beam, no Parquet; names, defaults and checks of the settings are components.loss_settings).
+Inputs are padded sets:
 
 * ``embeddings`` ``[batch, boxes, dim]`` float32,
 * ``labels`` ``[batch, boxes]`` integer, ``-1`` = ignore (padding is ``-1``).
@@ -56,65 +57,44 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from schemas import contract
+from components.loss_settings import (
+    DEFAULT_DISTANCE,
+    DEFAULT_MARGIN,
+    DEFAULT_MINING,
+    DISTANCE_CAP,
+    DISTANCES,
+    check_distance,
+    check_margin,
+    check_mining,
+    max_distance,
+)
+from components.loss_settings import MININGS as MINING
 
-DISTANCES = ("euclidean", "squared", "cosine")
-MINING = ("batch_all", "batch_hard", "semi_hard")
+__all__ = ["DISTANCES", "DISTANCE_CAP", "MINING", "NORM_EPS", "STATISTIC_NAMES", "COUNT_STATISTICS", "Geometry",
+           "l2_normalize", "max_distance", "merge_sets", "pair_geometry", "pairwise_distances",
+           "statistics_and_histograms", "triplet_loss", "triplet_statistics", "triplet_statistics_and_histograms",
+           "vector_norms"]
 
-# The keys of triplet_statistics, in order: the statistic columns of the `examples` table,
-# declared once in the data contract; counts are int64, the rest float32.
-STATISTIC_NAMES = contract.EXAMPLE_STATISTIC_COLUMNS
-_COUNT_NAMES = frozenset(contract.EXAMPLE_COUNT_COLUMNS)
+# The keys of the statistics, in order (EmbeddingStats writes them as the `examples` table's
+# columns of the same names); these counts are int64, the rest float32.
+COUNT_STATISTICS = ("n_boxes", "n_identities", "n_pos_pairs", "n_neg_pairs", "n_triplets", "n_active_triplets")
+STATISTIC_NAMES = (*COUNT_STATISTICS[:4], "pos_dist_mean", "pos_dist_max", "neg_dist_mean", "neg_dist_min",
+                   *COUNT_STATISTICS[4:], "triplet_loss_sum", "batch_all_loss", "batch_hard_loss", "semi_hard_loss")
+_COUNT_NAMES = frozenset(COUNT_STATISTICS)
 
 # Vectors with ||x|| below this have no direction: normalizing gives 0, not x / ||x||.
 NORM_EPS = 1e-12
 # Squared distances (in max-abs-scaled units, where values are O(1)) at or below this
 # are treated as exactly 0 by the Euclidean root: sqrt has an infinite slope at 0.
 SQRT_EPS = 1e-12
-# Cap on any distance: sums over up to 2**31 terms of size <= 2**96 stay below the
-# float32 maximum (~2**128), so statistics of huge inputs stay finite.
-DISTANCE_CAP = 2.0**96
+# DISTANCE_CAP (loss_settings) caps any distance: sums over up to 2**31 terms of size <= 2**96
+# stay below the float32 maximum (~2**128), so statistics of huge inputs stay finite.
 
 _F32_EXPONENT_MASK = 0x7F800000  # IEEE-754 float32 exponent bits
 # Unit roundoff of float64, the precision of the Gram matrices (see _squared_from_gram).
 F64_UNIT_ROUNDOFF = 2.0**-53
 # Terms of a distance entry beyond the d-term dot product: the two norm columns of the product.
 _GRAM_EXTRA_OPS = 2
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_distance(distance):
-    if distance not in DISTANCES:
-        raise ValueError(f"unknown distance {distance!r}; expected one of {DISTANCES}")
-
-
-def _check_mining(mining):
-    if mining not in MINING:
-        raise ValueError(f"unknown mining {mining!r}; expected one of {MINING}")
-
-
-def _check_margin(margin) -> float:
-    """The margin as a Python float (it is part of the graph's structure, e.g. the bound)."""
-    value = float(margin)
-    if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"margin must be >= 0, got {margin!r}")
-    return value
-
-
-def max_distance(distance: str, normalize: bool = True) -> float:
-    """Upper bound of a distance: 2 (euclidean), 4 (squared), 2 (cosine) for unit vectors.
-
-    Cosine distance is scale-invariant, so it is bounded by 2 either way; unnormalised
-    euclidean/squared distances are unbounded (``math.inf``).
-    """
-    _check_distance(distance)
-    if distance == "cosine":
-        return 2.0
-    if not normalize:
-        return math.inf
-    return 2.0 if distance == "euclidean" else 4.0
 
 
 # --------------------------------------------------------------------------- norms
@@ -334,24 +314,28 @@ def pairwise_distances(embeddings, distance: str = "euclidean", normalize: bool 
     (a zero vector has cosine 0 to everything).  With ``normalize`` the vectors are
     first L2-normalised (:func:`l2_normalize`).  The diagonal is exactly 0.
     """
-    _check_distance(distance)
+    check_distance(distance)
     x = tf.convert_to_tensor(embeddings, tf.float32)
     return _distances(x, distance, normalize)
 
 
 # --------------------------------------------------------------------------- set structure
 
-_Geometry = collections.namedtuple(
-    "_Geometry", ["dist", "valid", "pos", "neg", "n_pos", "n_neg"]
-)
+Geometry = collections.namedtuple("Geometry", ["dist", "valid", "pos", "neg", "n_pos", "n_neg"])
+Geometry.__doc__ = """Distances and pair masks of padded sets: what every statistic and loss is computed from.
+
+dist ``[b,n,n]`` float32; valid ``[b,n]`` bool (label >= 0); pos/neg ``[b,n,n]`` bool ordered pairs of
+valid boxes with the same / another label (pos excludes a == p); n_pos/n_neg ``[b,n]`` int32 per anchor.
+"""
+
+
+def pair_geometry(embeddings, labels, *, distance: str = DEFAULT_DISTANCE, normalize: bool = True) -> Geometry:
+    """The :class:`Geometry` of sets ``[batch, boxes, dim]`` / ``[batch, boxes]`` (-1 = ignore)."""
+    check_distance(distance)
+    return _geometry(embeddings, labels, distance, normalize)
 
 
 def _geometry(embeddings, labels, distance, normalize):
-    """Distances and pair masks of each set.
-
-    Returns dist ``[b,n,n]``; valid ``[b,n]``; pos/neg ``[b,n,n]`` bool (ordered pairs,
-    pos excludes a == p); n_pos/n_neg ``[b,n]`` int32 per anchor.
-    """
     embeddings = tf.convert_to_tensor(embeddings, tf.float32)
     labels = tf.cast(tf.convert_to_tensor(labels), tf.int64)
     valid = labels >= 0
@@ -364,7 +348,7 @@ def _geometry(embeddings, labels, distance, normalize):
     neg = tf.logical_and(both, tf.logical_not(same))
     n_pos = tf.reduce_sum(tf.cast(pos, tf.int32), axis=-1)
     n_neg = tf.reduce_sum(tf.cast(neg, tf.int32), axis=-1)
-    return _Geometry(dist, valid, pos, neg, n_pos, n_neg)
+    return Geometry(dist, valid, pos, neg, n_pos, n_neg)
 
 
 _Side = collections.namedtuple("_Side", ["sign", "signed", "large", "values", "cols", "count"])
@@ -659,21 +643,21 @@ def _statistics(g, labels, margin, distance, normalize):
     }
 
 
-def triplet_statistics(embeddings, labels, *, margin=0.2, distance="euclidean", normalize=True):
+def triplet_statistics(embeddings, labels, *, margin=DEFAULT_MARGIN, distance=DEFAULT_DISTANCE, normalize=True):
     """Per-set statistics: dict of ``[batch]`` tensors keyed by :data:`STATISTIC_NAMES` (in order).
 
     ``embeddings`` ``[batch, boxes, dim]``, ``labels`` ``[batch, boxes]`` (-1 = ignore).
     Counts are int64, the rest float32.  An undefined mean/min/max (e.g. no positive
     pair) is 0 and its count is 0.
     """
-    _check_distance(distance)
-    margin = _check_margin(margin)
+    check_distance(distance)
+    margin = check_margin(margin)
     labels = tf.cast(tf.convert_to_tensor(labels), tf.int64)
     return _statistics(_geometry(embeddings, labels, distance, normalize), labels, margin, distance, normalize)
 
 
 def triplet_statistics_and_histograms(
-    embeddings, labels, *, bins, upper_edge, margin=0.2, distance="euclidean", normalize=True
+    embeddings, labels, *, bins, upper_edge, margin=DEFAULT_MARGIN, distance=DEFAULT_DISTANCE, normalize=True
 ):
     """:func:`triplet_statistics` plus the distance histograms of all sets' unordered pairs.
 
@@ -681,10 +665,18 @@ def triplet_statistics_and_histograms(
     pair distances on ``bins`` fixed bins over ``[0, upper_edge]`` (values above go to the
     last bin), summed over the batch, from the same distance matrix as the statistics.
     """
-    _check_distance(distance)
-    margin = _check_margin(margin)
+    check_distance(distance)
     labels = tf.cast(tf.convert_to_tensor(labels), tf.int64)
     g = _geometry(embeddings, labels, distance, normalize)
+    return statistics_and_histograms(g, labels, bins=bins, upper_edge=upper_edge, margin=margin, distance=distance,
+                                     normalize=normalize)
+
+
+def statistics_and_histograms(g: Geometry, labels, *, bins, upper_edge, margin=DEFAULT_MARGIN,
+                              distance=DEFAULT_DISTANCE, normalize=True):
+    """:func:`triplet_statistics_and_histograms` of sets whose :func:`pair_geometry` is ``g`` (computed once)."""
+    margin = check_margin(margin)
+    labels = tf.cast(tf.convert_to_tensor(labels), tf.int64)
     n = tf.shape(labels)[1]
     unordered = (tf.range(n)[:, None] < tf.range(n)[None, :])[None]  # i < j
     value_range = tf.stack([tf.constant(0.0), tf.cast(upper_edge, tf.float32)])
@@ -697,7 +689,7 @@ def triplet_statistics_and_histograms(
 
 
 def triplet_loss(
-    embeddings, labels, *, mining="batch_all", margin=0.2, distance="euclidean", normalize=True
+    embeddings, labels, *, mining=DEFAULT_MINING, margin=DEFAULT_MARGIN, distance=DEFAULT_DISTANCE, normalize=True
 ):
     """Scalar training loss: mean over sets with >= 1 triplet of the set's ``mining`` loss.
 
@@ -706,9 +698,9 @@ def triplet_loss(
     Returns 0 when no set has a triplet.  Differentiable; with ``normalize`` it lies in
     ``[0, max_distance + margin]``.
     """
-    _check_mining(mining)
-    _check_distance(distance)
-    margin = _check_margin(margin)
+    check_mining(mining)
+    check_distance(distance)
+    margin = check_margin(margin)
     g = _geometry(embeddings, labels, distance, normalize)
     if mining == "batch_hard":
         per_set = _batch_hard_loss(g, margin)
@@ -733,22 +725,3 @@ def merge_sets(embeddings, labels):
     labels = tf.convert_to_tensor(labels)
     dim = embeddings.shape[-1] if embeddings.shape[-1] is not None else tf.shape(embeddings)[-1]
     return tf.reshape(embeddings, [1, -1, dim]), tf.reshape(labels, [1, -1])
-
-
-def roc_auc_from_histograms(positive, negative):
-    """(AUC, error bound) of P(negative distance > positive distance) from binned counts.
-
-    Pairs in different bins are ordered exactly; a (positive, negative) couple in the same
-    bin is counted as 1/2 (as ties are in the Mann-Whitney AUC). Its true contribution lies
-    in [0, 1], so the error is at most 1/2 * sum_b pos_b * neg_b / (P * N). (None, None) when
-    there is no positive or no negative pair.
-    """
-    positive = np.asarray(positive, np.float64)
-    negative = np.asarray(negative, np.float64)
-    total = positive.sum() * negative.sum()
-    if total == 0:
-        return None, None
-    positives_below = np.concatenate([[0.0], np.cumsum(positive)[:-1]])  # positives in lower bins
-    same_bin = float((positive * negative).sum())
-    auc = (float((negative * positives_below).sum()) + 0.5 * same_bin) / total
-    return auc, 0.5 * same_bin / total

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from components import triplet_loss
+from components.pair_auc import roc_auc_from_histograms
 from components.trainer import metrics
 
 MARGIN = 0.3
@@ -93,10 +93,10 @@ def test_figures_match_brute_force_reference():
 
 def test_auc_from_histograms_hand_computed():
     # pos in bins 0 and 2, neg in bins 1 and 2: pairs (p0,n1) win, (p0,n2) win, (p2,n1) lose, (p2,n2) tie.
-    auc, bound = triplet_loss.roc_auc_from_histograms([1, 0, 1], [0, 1, 1])
+    auc, bound = roc_auc_from_histograms([1, 0, 1], [0, 1, 1])
     assert auc == pytest.approx((1 + 1 + 0 + 0.5) / 4)
     assert bound == pytest.approx(0.5 * 1 / 4)
-    assert triplet_loss.roc_auc_from_histograms([0, 0], [3, 1]) == (None, None)
+    assert roc_auc_from_histograms([0, 0], [3, 1]) == (None, None)
 
 
 def test_no_sets_is_an_error():

@@ -821,3 +821,21 @@ def test_validation_errors():
             call()
         message = str(info.value)
         assert word in message and "\n" not in message
+
+
+def test_pair_geometry_masks_by_hand():
+    """The geometry the Trainer's recall@1 reads: pairs of distinct valid boxes, split by label."""
+    labels = np.array([[0, 0, 1, -1]])
+    x = np.eye(4, dtype=np.float32)[None]
+    g = T.pair_geometry(x, labels)
+    pos = np.zeros((1, 4, 4), bool)
+    pos[0, 0, 1] = pos[0, 1, 0] = True
+    neg = np.zeros((1, 4, 4), bool)
+    neg[0, [0, 1], 2] = neg[0, 2, [0, 1]] = True
+    np.testing.assert_array_equal(g.pos.numpy(), pos)
+    np.testing.assert_array_equal(g.neg.numpy(), neg)
+    np.testing.assert_array_equal(g.valid.numpy(), [[True, True, True, False]])
+    np.testing.assert_array_equal(g.n_pos.numpy(), [[1, 1, 0, 0]])
+    np.testing.assert_array_equal(g.n_neg.numpy(), [[1, 1, 2, 0]])
+    # unit basis vectors are sqrt(2) apart (float64 Gram: exact to float32 rounding)
+    np.testing.assert_allclose(g.dist.numpy()[0, :3, :3], np.sqrt(2.0) * (1 - np.eye(3)), rtol=1e-6)

@@ -33,6 +33,10 @@ from components.embedding_stats.common import (
 from components.loss_settings import DISTANCE_CAP, LossSettings
 from schemas import contract
 
+# The loss graph's statistics are the examples table's columns, by name and in order.
+if triplet_loss.STATISTIC_NAMES != contract.EXAMPLE_STATISTIC_COLUMNS:
+    raise ImportError("the loss graph's STATISTIC_NAMES and the contract's EXAMPLE_STATISTIC_COLUMNS differ")
+
 SET_SIZE_STEP = 16  # padded set sizes: powers of two up to this, then multiples of it
 MAX_PAIR_CELLS_PER_CALL = 1 << 23  # bound on examples * boxes^2 per loss-graph call (memory)
 PROGRESS_EVERY_EXAMPLES = 500  # a progress line on stderr every this many examples (per worker)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import apache_beam as beam
 import numpy as np
 
-from components import triplet_loss
 from components.embedding_stats.common import DEAD, FED_MAX, LABEL_SET, NORMS, PARTIAL
 from components.embedding_stats.statistics import histogram_edges, partial_summary
 from components.loss_settings import LossSettings
+from components.pair_auc import roc_auc_from_histograms
 from schemas import contract
 
 QUANTILE_POINTS = 101  # p00..p100 of the L2 norm; the summary keeps p01..p99
@@ -83,7 +83,7 @@ def assemble_summary(_, partial, rejected_by_reason, identities, quantiles, edge
     """summary.json (keys: contract.SUMMARY_KEYS) from the merged accumulators."""
     rejected = {reason: int(rejected_by_reason.get(reason, 0)) for reason in contract.Reason.ALL}
     with_triplets = partial["examples_with_triplets"]
-    auc, auc_bound = triplet_loss.roc_auc_from_histograms(partial["positive"], partial["negative"])
+    auc, auc_bound = roc_auc_from_histograms(partial["positive"], partial["negative"])
     summary = {
         "records_read": partial["examples"] + sum(rejected.values()),
         "records_good": partial["examples"],

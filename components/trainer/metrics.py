@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from components import triplet_loss
+from components.pair_auc import roc_auc_from_histograms
 
 AUC_BINS = 4096  # histogram bins over [0, max_distance] for the ROC AUC
 LOSS_FIGURES = ("batch_all_loss", "batch_hard_loss", "semi_hard_loss")
@@ -27,8 +28,9 @@ def make_batch_figures(margin: float, distance: str):
         autograph=False,
     )
     def batch_figures(embeddings, labels):
-        stats, pos_hist, neg_hist = triplet_loss.triplet_statistics_and_histograms(
-            embeddings, labels, bins=AUC_BINS, upper_edge=top, margin=margin, distance=distance, normalize=True)
+        g = triplet_loss.pair_geometry(embeddings, labels, distance=distance, normalize=True)  # once, for all
+        stats, pos_hist, neg_hist = triplet_loss.statistics_and_histograms(
+            g, labels, bins=AUC_BINS, upper_edge=top, margin=margin, distance=distance, normalize=True)
         has_triplet = stats["n_triplets"] > 0
         out = {"examples": tf.size(has_triplet, tf.int64), "examples_with_triplets": tf.reduce_sum(tf.cast(has_triplet, tf.int64))}
         for name in LOSS_FIGURES:
@@ -37,13 +39,9 @@ def make_batch_figures(margin: float, distance: str):
         out["n_triplets"] = tf.reduce_sum(stats["n_triplets"])
         out["n_active_triplets"] = tf.reduce_sum(stats["n_active_triplets"])
         out["pos_hist"], out["neg_hist"] = pos_hist, neg_hist
-        valid = labels >= 0
-        clean = tf.where(valid[..., None], embeddings, tf.zeros_like(embeddings))  # padding values never read
-        dist = triplet_loss.pairwise_distances(clean, distance, normalize=True)  # for recall@1
-        # recall@1: nearest other valid box (ties: lowest index).
-        n = tf.shape(labels)[1]
-        other = tf.logical_and(tf.logical_and(valid[:, :, None], valid[:, None, :]), tf.logical_not(tf.eye(n, dtype=tf.bool))[None])
-        masked = tf.where(other, dist, tf.fill(tf.shape(dist), np.inf))
+        # recall@1: nearest other valid box (ties: lowest index), from the same distances and masks.
+        other = tf.logical_or(g.pos, g.neg)  # [b, n, n]: pairs of distinct valid boxes
+        masked = tf.where(other, g.dist, tf.fill(tf.shape(g.dist), np.inf))
         nearest = tf.argmin(masked, axis=-1)
         hit = tf.equal(tf.gather(labels, nearest, batch_dims=1), labels)
         has_other = tf.reduce_any(other, axis=-1)
@@ -85,7 +83,7 @@ class ValidationFigures:
         # Mean hinge over all triplets (inactive ones count 0): falls as the embedding improves,
         # unlike batch_all's mean over active triplets only.
         out["mean_triplet_hinge"] = float(s["triplet_loss_sum"]) / triplets if triplets else None
-        auc, bound = triplet_loss.roc_auc_from_histograms(s["pos_hist"], s["neg_hist"])
+        auc, bound = roc_auc_from_histograms(s["pos_hist"], s["neg_hist"])
         out.update(
             pos_pairs=int(s["pos_hist"].sum()),
             neg_pairs=int(s["neg_hist"].sum()),
