@@ -261,10 +261,41 @@ def _distances(x, distance, normalize):
     if distance == "cosine":
         return _cosine_from_gram(l2_normalize(x), _scaled_norm(x) >= NORM_EPS)
     if normalize:
-        d2 = _squared_from_gram(l2_normalize(x))
-        d = _safe_sqrt(d2) if distance == "euclidean" else d2
-        return tf.minimum(d, max_distance(distance, True))
+        return _unit_distances(l2_normalize(x), distance)
     return _unnormalized_distances(x, distance)
+
+
+def _unit_distances(u, distance):
+    """Euclidean or squared distances ``[b, n, n]`` of rows ``u`` ``[b, n, d]`` of norm 1 or 0, capped.
+
+    The cap is :func:`max_distance` (2 or 4), which only rounding can exceed.  One custom gradient
+    for root, cap and Gram product: ``d ||u_i - u_j|| / d u_i = (u_i - u_j) / ||u_i - u_j||`` where
+    the distance is above the root's threshold and not above the cap, else 0 (what autodiff of
+    ``minimum(safe_sqrt(d2), cap)`` gives, without its ~10 ``[b, n, n]`` selects and reductions).
+    """
+    cap = max_distance(distance, True)
+
+    @tf.custom_gradient
+    def distances(u):
+        d2 = _squared_from_gram(u)
+        if distance == "squared":
+            d = tf.minimum(d2, cap)
+        else:
+            positive = d2 > SQRT_EPS
+            root = tf.sqrt(tf.where(positive, d2, tf.ones_like(d2)))
+            d = tf.minimum(tf.where(positive, root, tf.zeros_like(d2)), cap)
+
+        def grad(upstream):
+            if distance == "squared":
+                w = tf.where(d2 <= cap, 2.0 * upstream, tf.zeros_like(upstream))
+            else:
+                w = tf.where(tf.logical_and(positive, root <= cap), upstream / root, tf.zeros_like(upstream))
+            w = w + tf.linalg.matrix_transpose(w)  # d_ij depends on u_i and u_j
+            return tf.reduce_sum(w, axis=-1, keepdims=True) * u - tf.matmul(w, u)  # sum_j w_ij (u_i - u_j)
+
+        return d, grad
+
+    return distances(u)
 
 
 def _unnormalized_distances(x, distance):
