@@ -478,13 +478,19 @@ def _batch_all_loss(hinge_sum, n_active):
 
 
 def _batch_hard_loss(g, margin):
-    """Mean over anchors with a positive and a negative of max(0, max_p d - min_n d + margin)."""
-    zeros = tf.zeros_like(g.dist)
-    hardest_pos = tf.reduce_max(tf.where(g.pos, g.dist, zeros), axis=-1)
-    has_neg = g.n_neg > 0
-    hardest_neg = tf.reduce_min(tf.where(g.neg, g.dist, tf.fill(tf.shape(g.dist), np.inf)), axis=-1)
-    hardest_neg = tf.where(has_neg, hardest_neg, tf.zeros_like(hardest_neg))
-    anchor = tf.logical_and(g.n_pos > 0, has_neg)
+    """Mean over anchors with a positive and a negative of max(0, max_p d - min_n d + margin).
+
+    The hardest positive / negative is picked by ``argmax`` / ``argmin`` (the lowest column
+    among exact ties) and its distance gathered, so the gradient of an anchor's hinge goes to
+    that one pair; ``reduce_max`` would split it between tied pairs and cost an ``[b, n, n]``
+    equality mask, a division and two selects backward.  Same value either way.
+    """
+    anchor = tf.logical_and(g.n_pos > 0, g.n_neg > 0)  # [b, n]
+    dist = tf.stop_gradient(g.dist)
+    pos_col = tf.argmax(tf.where(g.pos, dist, -1.0), axis=-1, output_type=tf.int32)  # [b, n]; distances >= 0
+    neg_col = tf.argmin(tf.where(g.neg, dist, np.inf), axis=-1, output_type=tf.int32)
+    hardest_pos = tf.gather(g.dist, pos_col, batch_dims=2)  # [b, n]
+    hardest_neg = tf.gather(g.dist, neg_col, batch_dims=2)
     hinge = tf.maximum(hardest_pos - hardest_neg + margin, 0.0)
     total = tf.reduce_sum(tf.where(anchor, hinge, tf.zeros_like(hinge)), axis=-1)
     count = tf.reduce_sum(tf.cast(anchor, tf.float32), axis=-1)

@@ -175,7 +175,8 @@ def ref_distances(emb, lab, distance, normalize):
     """float64 distance matrix of a set's valid boxes."""
     idx = [i for i in range(len(lab)) if lab[i] >= 0]
     return np.array([[ref_distance(emb[i], emb[j], distance, normalize) for j in idx] for i in idx]).reshape(
-        len(idx), len(idx))
+        len(idx), len(idx)
+    )
 
 
 def distance_error(emb, lab, distance, normalize):
@@ -231,7 +232,10 @@ def statistic_tolerances(emb, lab, margin, distance, normalize):
     batch_all = 2 * delta + (gamma(n) + 2 * gamma(n) + 5 * U32) * big
     n_active = ref_set(emb, lab, margin, distance, normalize)["n_active_triplets"]
     tol = {
-        "pos_dist_mean": dist_tol, "pos_dist_max": dist_tol, "neg_dist_mean": dist_tol, "neg_dist_min": dist_tol,
+        "pos_dist_mean": dist_tol,
+        "pos_dist_max": dist_tol,
+        "neg_dist_mean": dist_tol,
+        "neg_dist_min": dist_tol,
         "batch_hard_loss": 2 * delta + (gamma(n + 1) + U32) * big,
         "batch_all_loss": batch_all,
         "triplet_loss_sum": batch_all * max(n_active, 1),
@@ -322,7 +326,8 @@ def test_histograms_count_unordered_pairs_on_fixed_bins(distance):
         return int(np.sum(np.abs(scaled - np.round(scaled)) <= (delta / upper + 4 * U32) * bins))
 
     stats, pos, neg = T.triplet_statistics_and_histograms(
-        emb, lab, bins=bins, upper_edge=upper, margin=margin, distance=distance)
+        emb, lab, bins=bins, upper_edge=upper, margin=margin, distance=distance
+    )
     assert_matches(stats, sets, margin, distance, True)
     for got, values in ((pos.numpy(), pos_d), (neg.numpy(), neg_d)):
         assert got.dtype == np.int64 and got.sum() == len(values)
@@ -537,8 +542,14 @@ def test_gradient_matches_finite_differences(distance, normalize, mining):
     bounds = [gradient_tolerance(emb[b], lab[b], distance, normalize, h) for b in range(2)]
     tol = max(t for t, _ in bounds)
     for b, (_, moved) in enumerate(bounds):  # no kink of the loss within the step's reach
-        assert_well_conditioned(emb[b], lab[b], margin, distance, normalize, delta=moved + distance_error(
-            emb[b], lab[b], distance, normalize))
+        assert_well_conditioned(
+            emb[b],
+            lab[b],
+            margin,
+            distance,
+            normalize,
+            delta=moved + distance_error(emb[b], lab[b], distance, normalize),
+        )
     want = numeric_gradient(ref_loss, emb.copy(), h)
     x = tf.constant(emb, tf.float32)
     with tf.GradientTape() as tape:
@@ -547,6 +558,55 @@ def test_gradient_matches_finite_differences(distance, normalize, mining):
     got = tape.gradient(loss, x).numpy()
     assert np.abs(want).max() > 1e-3  # the case is not degenerate
     assert np.abs(got - want).max() <= tol, (np.abs(got - want).max(), tol)
+
+
+def batch_hard_gradient_reference(emb, lab, margin):
+    """Gradient of the batch-hard loss (squared distance, no normalisation) by hand, numpy float64.
+
+    Tie rule (the module's documented one): each anchor's hardest positive / negative is the
+    lowest column among exactly tied distances, and its hinge's gradient goes to that pair only:
+    ``d |x_a - x_j|^2 / d x_a = 2 (x_a - x_j)`` and the opposite on ``x_j``.
+    Returns (gradient, number of anchors with a tied hardest positive or negative).
+    """
+    d = ((emb[:, None] - emb[None]) ** 2).sum(-1)
+    n = len(lab)
+    grad, anchors, ties = np.zeros_like(emb), [], 0
+    for a in range(n):
+        pos = [j for j in range(n) if j != a and lab[j] == lab[a]]
+        neg = [j for j in range(n) if lab[j] != lab[a]]
+        if not pos or not neg:
+            continue
+        p = max(pos, key=lambda j: (d[a, j], -j))  # largest distance, lowest column on ties
+        q = min(neg, key=lambda j: (d[a, j], j))
+        ties += sum(d[a, j] == d[a, p] for j in pos) > 1 or sum(d[a, j] == d[a, q] for j in neg) > 1
+        if d[a, p] - d[a, q] + margin > 0:
+            anchors.append((a, p, q))
+    for a, p, q in anchors:
+        for j, sign in ((p, 1.0), (q, -1.0)):
+            grad[a] += sign * 2 * (emb[a] - emb[j]) / len(anchors)
+            grad[j] -= sign * 2 * (emb[a] - emb[j]) / len(anchors)
+    return grad, ties
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_batch_hard_gradient_goes_to_the_lowest_tied_column(tied):
+    """batch_hard's gradient, by hand: tie-free, and on exact ties (all to the lowest column).
+
+    Small integer points, 8 anchors, all active (margin 50): every distance, weight (2 / 8) and
+    gradient sum is exact in float32 in any order, so the comparison is exact.
+    """
+    if tied:  # from (0, 0): three positives at 4, two negatives at 25; from (6, 6): two negatives at 52
+        emb = np.array([[0, 0], [2, 0], [0, 2], [-2, 0], [5, 0], [0, -5], [6, 6], [-6, 5]], np.float64)
+    else:  # distinct squared distances from every anchor
+        emb = np.array([[0, 0], [3, 1], [1, 4], [6, 7], [9, 2], [13, 9], [4, 11], [10, 14]], np.float64)
+    lab = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    want, ties = batch_hard_gradient_reference(emb, lab, margin=50.0)
+    assert (ties > 0) == tied
+    x = tf.constant(emb[None], tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = T.triplet_loss(x, lab[None], mining="batch_hard", margin=50.0, distance="squared", normalize=False)
+    np.testing.assert_array_equal(tape.gradient(loss, x).numpy()[0], want)
 
 
 def degenerate_batch():
@@ -712,8 +772,9 @@ def test_scaling_invariance_and_equivariance():
             bound = statistic_tolerances(e, l, 0.2, "euclidean", normalize)
             moved = 2 * U32 * (1.0 if normalize else np.linalg.norm(e[l >= 0], axis=1).max(initial=0.0))
             for key in keys:
-                tol[key].append(2 * bound[key] + SLACK * 2 * moved + 2 * U32 * abs(ref_set(
-                    e, l, 0.2, "euclidean", normalize)[key]))
+                tol[key].append(
+                    2 * bound[key] + SLACK * 2 * moved + 2 * U32 * abs(ref_set(e, l, 0.2, "euclidean", normalize)[key])
+                )
         return {key: np.array(value) for key, value in tol.items()}
 
     tol_u, tol_n = tolerance(False), tolerance(True)
