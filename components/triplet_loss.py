@@ -406,20 +406,20 @@ def _small_side(g):
     signed = sign * tf.stop_gradient(g.dist)
     count = tf.minimum(g.n_neg, g.n_pos)
     k = tf.maximum(tf.reduce_max(count), 1)
-    keys = tf.where(small, signed, tf.constant(np.inf, tf.float32))
-    neg_values, cols = tf.math.top_k(-keys, k=k, sorted=True)
+    neg_values, cols = tf.math.top_k(tf.where(small, -signed, -np.inf), k=k, sorted=True)  # ascending signed
     return _Side(sign, signed, large, -neg_values, cols, count)
 
 
 def _row_counts(index, weight, depth):
-    """Per row histogram: out[..., j] = sum of weight[..., :] where index[..., :] == j.
+    """Per row histogram: out[..., j] = sum of weight[..., :] (1 if None) where index[..., :] == j.
 
     index/weight ``[..., m]`` int32, output ``[..., depth]`` int32; O(rows * (m + depth)).
     """
     shape = tf.shape(index)
     flat = tf.stack([tf.reduce_prod(shape[:-1]), shape[-1]])
-    counts = tf.math.bincount(tf.reshape(index, flat), weights=tf.reshape(weight, flat), minlength=depth,
-                              maxlength=depth, axis=-1)
+    weight = None if weight is None else tf.reshape(weight, flat)
+    counts = tf.math.bincount(tf.reshape(index, flat), weights=weight, minlength=depth, maxlength=depth, axis=-1,
+                              dtype=tf.int32)
     return tf.reshape(counts, tf.concat([shape[:-1], [depth]], 0))
 
 
@@ -455,15 +455,16 @@ def _batch_all_terms(g, side, margin):
     width = tf.shape(side.values)[-1]
     q = side.signed + margin  # [b, a, j]
     k = tf.searchsorted(side.values, q, side="left")  # small-side values s < q
-    k = tf.where(side.large, k, tf.zeros_like(k))
+    k = tf.where(side.large, k, 0)
     finite = tf.where(tf.math.is_finite(side.values), side.values, tf.zeros_like(side.values))
     prefix = tf.pad(tf.cumsum(finite, axis=-1), [[0, 0], [0, 0], [1, 0]])  # [b, a, K+1]
     k_float = tf.cast(k, tf.float32)
-    hinge = tf.maximum(k_float * q - tf.gather(prefix, k, batch_dims=2), 0.0)
-    value = _sum_pairs(tf.where(side.large, hinge, tf.zeros_like(hinge)))
+    hinge = tf.maximum(k_float * q - tf.gather(prefix, k, batch_dims=2), 0.0)  # 0 where k = 0: off the large side
+    value = _sum_pairs(hinge)
 
-    # c in sorted order: #large entries with k > rank, a suffix sum of the histogram of k.
-    hist = _row_counts(k, tf.cast(side.large, tf.int32), width + 1)
+    # c in sorted order: #large entries with k > rank, a suffix sum of the histogram of k
+    # (entries off the large side have k = 0, which is never > rank).
+    hist = _row_counts(k, None, width + 1)
     above = tf.cumsum(hist, axis=-1, exclusive=True, reverse=True)[:, :, :width]
     c = _row_counts(side.cols, above, n)  # back to column order
     linear = _sum_pairs(side.sign * (k_float - tf.cast(c, tf.float32)) * g.dist)
@@ -504,7 +505,7 @@ def _order_key(values, cols):
     """
     bits = tf.bitcast(values, tf.int32)
     monotone = tf.where(bits >= 0, bits, tf.bitwise.bitwise_xor(bits, tf.constant(0x7FFFFFFF)))
-    return tf.bitwise.left_shift(tf.cast(monotone, tf.int64), 32) + tf.cast(cols, tf.int64)
+    return tf.cast(monotone, tf.int64) * 2**32 + tf.cast(cols, tf.int64)  # exact: |monotone| <= 2**31
 
 
 def _key_value_and_col(keys):
@@ -567,7 +568,7 @@ def _semi_hard_small_positives(signed, large, values, cols, count, margin):
     best = _prefix_max(tf.reshape(seg, tf.stack([rows, width + 2]))[:, :width])  # empty: int64 min
     found = best > tf.int64.min
     best_value, best_col = _key_value_and_col(tf.where(found, best, tf.zeros_like(best)))
-    farthest_col = tf.argmin(tf.where(large, signed, tf.fill(shape, np.inf)), axis=-1, output_type=tf.int32)
+    farthest_col = tf.argmin(tf.where(large, signed, np.inf), axis=-1, output_type=tf.int32)
     col = tf.where(found, best_col, farthest_col[:, None])
     chosen = -tf.where(found, best_value, tf.gather(signed, col, batch_dims=1))  # d(a, n*)
     ranks = tf.range(width)[None, :]
@@ -626,13 +627,14 @@ def _pair_statistics(g):
     upper = (idx[:, None] < idx[None, :])[None]
     pos = tf.logical_and(g.pos, upper)
     neg = tf.logical_and(g.neg, upper)
-    zeros = tf.zeros_like(g.dist)
-    n_pos_pairs = tf.reduce_sum(tf.cast(pos, tf.int64), axis=[1, 2])
-    n_neg_pairs = tf.reduce_sum(tf.cast(neg, tf.int64), axis=[1, 2])
-    pos_sum = _sum_pairs(tf.where(pos, g.dist, zeros))
-    neg_sum = _sum_pairs(tf.where(neg, g.dist, zeros))
-    pos_max = tf.reduce_max(tf.where(pos, g.dist, zeros), axis=[1, 2])
-    neg_min = tf.reduce_min(tf.where(neg, g.dist, tf.fill(tf.shape(g.dist), np.inf)), axis=[1, 2])
+    # pos and neg are symmetric: each unordered pair is counted twice in the per-anchor counts.
+    n_pos_pairs = tf.reduce_sum(tf.cast(g.n_pos, tf.int64), axis=-1) // 2
+    n_neg_pairs = tf.reduce_sum(tf.cast(g.n_neg, tf.int64), axis=-1) // 2
+    pos_dist = tf.where(pos, g.dist, 0.0)
+    pos_sum = _sum_pairs(pos_dist)
+    neg_sum = _sum_pairs(tf.where(neg, g.dist, 0.0))
+    pos_max = tf.reduce_max(pos_dist, axis=[1, 2])
+    neg_min = tf.reduce_min(tf.where(neg, g.dist, np.inf), axis=[1, 2])
     has_neg = n_neg_pairs > 0
     return {
         "n_pos_pairs": n_pos_pairs,
