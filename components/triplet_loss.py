@@ -30,7 +30,7 @@ With the negatives sorted and a positive ``p``, ``v = d(a, p) + margin``:
 
 With the positives sorted the same formulas run on negated distances (the hinge
 ``d(a,p) + m - d(a,n)`` is ``(l + m) - s`` either way), and semi-hard finds each
-sorted positive's nearest farther negative by a segment max and a running max.
+sorted positive's nearest farther negative by a segment min and a running min.
 
 Gradients do not flow through the sort: each loss is also a count-weighted sum of
 distances (``sum k(a,p) d(a,p) - sum c(a,n) d(a,n)``, with integer counts from the
@@ -498,33 +498,34 @@ def _batch_hard_loss(g, margin):
     return tf.math.divide_no_nan(total, count)
 
 
-def _order_key(values, cols):
-    """int64 keys ordered like ``(values, cols)``: float32 bits made monotone, high word; column, low word.
+_COL_BITS = 0xFFFFFFFF  # low word of an order key
 
-    One segment max / running max of these keys finds a maximum and its column together.
+
+def _order_key(dist, cols):
+    """int64 keys ordered like ``(dist, -cols)`` for ``dist >= +0``: float32 bits, high word; ``~col``, low word.
+
+    Non-negative float32 values order like their bits as integers, so no sign fix-up is needed.
+    One segment min / running min of these keys finds the nearest distance and, among exact
+    ties, the highest column, together.
     """
-    bits = tf.bitcast(values, tf.int32)
-    monotone = tf.where(bits >= 0, bits, tf.bitwise.bitwise_xor(bits, tf.constant(0x7FFFFFFF)))
-    return tf.cast(monotone, tf.int64) * 2**32 + tf.cast(cols, tf.int64)  # exact: |monotone| <= 2**31
+    return tf.cast(tf.bitcast(dist, tf.int32), tf.int64) * 2**32 + (_COL_BITS - tf.cast(cols, tf.int64))
 
 
-def _key_value_and_col(keys):
-    """Inverse of :func:`_order_key`: (float32 values, int32 cols)."""
-    monotone = tf.cast(tf.bitwise.right_shift(keys, 32), tf.int32)
-    bits = tf.where(monotone >= 0, monotone, tf.bitwise.bitwise_xor(monotone, tf.constant(0x7FFFFFFF)))
-    cols = tf.cast(tf.bitwise.bitwise_and(keys, tf.constant(0xFFFFFFFF, tf.int64)), tf.int32)
-    return tf.bitcast(bits, tf.float32), cols
+def _key_dist_and_col(keys):
+    """Inverse of :func:`_order_key`: (float32 distances, int32 cols)."""
+    dist = tf.bitcast(tf.cast(tf.bitwise.right_shift(keys, 32), tf.int32), tf.float32)
+    return dist, tf.cast(_COL_BITS - tf.bitwise.bitwise_and(keys, _COL_BITS), tf.int32)
 
 
-def _prefix_max(keys):
-    """Running max of int64 ``keys`` ``[..., m]`` along the last axis (log-step doubling)."""
+def _prefix_min(keys):
+    """Running min of int64 ``keys`` ``[..., m]`` along the last axis (log-step doubling)."""
     shape = tf.shape(keys)
     m = shape[-1]
 
     def body(shift, keys):
-        filler = tf.fill(tf.concat([shape[:-1], [shift]], 0), keys.dtype.min)
+        filler = tf.fill(tf.concat([shape[:-1], [shift]], 0), keys.dtype.max)
         shifted = tf.concat([filler, keys[..., : m - shift]], -1)
-        return shift * 2, tf.maximum(keys, shifted)
+        return shift * 2, tf.minimum(keys, shifted)
 
     return tf.while_loop(lambda shift, _: shift < m, body, [tf.constant(1), keys])[1]
 
@@ -554,8 +555,8 @@ def _semi_hard_small_positives(signed, large, values, cols, count, margin):
     Rows ``[m, n]``: signed = -d(a, .), large = negatives, values/cols ``[m, K]`` the sorted
     -d(a, p), count ``[m]`` positives per row.  A negative with ``r = searchsorted(-d(a,n),
     "right")`` is farther than the positives of sorted rank >= r, so n* of rank j is the
-    nearest negative with r <= j: a segment max of (-d(a,n), column) keys by r, then a
-    running max over j; the farthest negative when none is.  Returns weights ``[m, n]`` int32
+    nearest negative with r <= j: a segment min of (d(a,n), -column) keys by r, then a
+    running min over j; the farthest negative when none is.  Returns weights ``[m, n]`` int32
     and active pairs per row ``[m]`` int32, as :func:`_semi_hard_small_negatives`.
     """
     shape = tf.shape(signed)
@@ -563,14 +564,15 @@ def _semi_hard_small_positives(signed, large, values, cols, count, margin):
     width = tf.shape(values)[-1]
     r = tf.searchsorted(values, signed, side="right")  # [m, n]
     ids = tf.where(large, r, width + 1) + (width + 2) * tf.range(rows)[:, None]
-    keys = _order_key(signed, tf.broadcast_to(tf.range(n), shape))
-    seg = tf.math.unsorted_segment_max(keys, ids, rows * (width + 2))
-    best = _prefix_max(tf.reshape(seg, tf.stack([rows, width + 2]))[:, :width])  # empty: int64 min
-    found = best > tf.int64.min
-    best_value, best_col = _key_value_and_col(tf.where(found, best, tf.zeros_like(best)))
+    dist = tf.bitcast(tf.bitwise.bitwise_and(tf.bitcast(signed, tf.int32), 0x7FFFFFFF), tf.float32)  # -signed >= +0
+    keys = _order_key(dist, tf.broadcast_to(tf.range(n), shape))
+    seg = tf.math.unsorted_segment_min(keys, ids, rows * (width + 2))
+    best = _prefix_min(tf.reshape(seg, tf.stack([rows, width + 2]))[:, :width])  # empty: int64 max
+    found = best < tf.int64.max
+    best_dist, best_col = _key_dist_and_col(tf.where(found, best, tf.zeros_like(best)))
     farthest_col = tf.argmin(tf.where(large, signed, np.inf), axis=-1, output_type=tf.int32)
     col = tf.where(found, best_col, farthest_col[:, None])
-    chosen = -tf.where(found, best_value, tf.gather(signed, col, batch_dims=1))  # d(a, n*)
+    chosen = tf.where(found, best_dist, -tf.gather(signed, col, batch_dims=1))  # d(a, n*)
     ranks = tf.range(width)[None, :]
     has_neg = tf.reduce_any(large, axis=-1, keepdims=True)
     pair = tf.logical_and(ranks < count[:, None], has_neg)
