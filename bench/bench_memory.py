@@ -13,7 +13,7 @@ graph works on [batch, boxes, boxes] tensors in calls of bounded size, no per-pa
 object. Baseline in the same run: the peak RSS of a process that only imports the stack.
 
     .venv/bin/python bench/bench_memory.py                                  # grid 1,13,13,5 dim 32
-    .venv/bin/python bench/bench_memory.py --grid 2,13,13,5 --dim 100       # the seed grid (13.8 GB of input, ~9-10 min)
+    .venv/bin/python bench/bench_memory.py --grid 2,13,13,5 --dim 100  # the seed grid (13.8 GB of input, ~9-10 min)
 
 All data lives in a temp dir under /tmp, deleted at the end.
 """
@@ -80,8 +80,11 @@ def measure(command: list[str], log_path: str) -> dict:
         with open(log_path, "rb") as log:
             tail = log.read()[-3000:].decode("utf-8", "replace")
         raise SystemExit(f"{' '.join(command[:3])} ... failed ({process.returncode}):\n{tail}")
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / KIB_PER_MIB,  # Linux: KiB
-            "timeline": timeline}
+    return {
+        "seconds": seconds,
+        "peak_rss_mib": usage.ru_maxrss / KIB_PER_MIB,  # Linux: KiB
+        "timeline": timeline,
+    }
 
 
 def _rss_mib(pid: int) -> float | None:
@@ -108,8 +111,12 @@ def rss_by_tenth(timeline, seconds: float) -> list[float]:
 def _generate_part(directory: str, examples: int, grid: contract.GridSpec, empty_fraction: float, seed: int) -> None:
     from components import sample_data
 
-    sample_data.generate(directory, sample_data.SampleOptions(
-        examples=examples, shards=SHARDS_PER_PART, grid=grid, empty_fraction=empty_fraction, seed=seed))
+    sample_data.generate(
+        directory,
+        sample_data.SampleOptions(
+            examples=examples, shards=SHARDS_PER_PART, grid=grid, empty_fraction=empty_fraction, seed=seed
+        ),
+    )
 
 
 def generate(directory: str, examples: int, grid: contract.GridSpec, empty_fraction: float) -> tuple[str, float]:
@@ -118,34 +125,57 @@ def generate(directory: str, examples: int, grid: contract.GridSpec, empty_fract
     parts = min(GENERATOR_PROCESSES, examples)
     counts = [examples // parts + (1 if k < examples % parts else 0) for k in range(parts)]
     with concurrent.futures.ProcessPoolExecutor(parts) as pool:
-        futures = [pool.submit(_generate_part, os.path.join(directory, f"gen-{k}"), count, grid, empty_fraction,
-                               examples * parts + k) for k, count in enumerate(counts)]
+        futures = [
+            pool.submit(
+                _generate_part, os.path.join(directory, f"gen-{k}"), count, grid, empty_fraction, examples * parts + k
+            )
+            for k, count in enumerate(counts)
+        ]
         for future in futures:
             future.result()
     return os.path.join(directory, "gen-*", "part-*"), time.perf_counter() - start
 
 
-def run_once(root: str, name: str, examples: int, grid: contract.GridSpec, empty_fraction: float,
-             with_report: bool) -> dict:
+def run_once(
+    root: str, name: str, examples: int, grid: contract.GridSpec, empty_fraction: float, with_report: bool
+) -> dict:
     """Generate -> `tripletflow run` -> (optionally) `tripletflow report`; deletes the input and output after."""
     work = os.path.join(root, name)
     input_glob, gen_seconds = generate(os.path.join(work, "input"), examples, grid, empty_fraction)
-    input_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(work, "input"))
-                      for f in files)
+    input_bytes = sum(
+        os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(work, "input")) for f in files
+    )
     output = os.path.join(work, "output")
     grid_flag = ",".join(map(str, grid.grid_shape))
-    row = measure([*tripletflow_command(), "run", "--input", input_glob, "--output", output, "--grid", grid_flag,
-                   "--dim", str(grid.dim), "--no-report"], os.path.join(root, f"{name}-run.log"))
+    row = measure(
+        [
+            *tripletflow_command(),
+            "run",
+            "--input",
+            input_glob,
+            "--output",
+            output,
+            "--grid",
+            grid_flag,
+            "--dim",
+            str(grid.dim),
+            "--no-report",
+        ],
+        os.path.join(root, f"{name}-run.log"),
+    )
     with open(os.path.join(output, contract.MANIFEST_FILE)) as f:
         summary_path = contract.listed_files(output, json.load(f), contract.SUMMARY_FILE)[0]
     with open(summary_path) as f:
         summary = json.load(f)
     if summary["records_good"] != examples:
         raise SystemExit(f"{name}: {summary['records_good']} good records of {examples} generated")
-    row.update(examples=examples, valid_boxes=summary["valid_boxes"], input_gb=input_bytes / 1e9,
-               generate_seconds=gen_seconds)
+    row.update(
+        examples=examples, valid_boxes=summary["valid_boxes"], input_gb=input_bytes / 1e9, generate_seconds=gen_seconds
+    )
     if with_report:
-        report = measure([*tripletflow_command(), "report", "--output", output], os.path.join(root, f"{name}-report.log"))
+        report = measure(
+            [*tripletflow_command(), "report", "--output", output], os.path.join(root, f"{name}-report.log")
+        )
         row["report"] = report
     shutil.rmtree(work)
     return row
@@ -156,10 +186,20 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="two example counts small,large")
     parser.add_argument("--grid", default=DEFAULT_SPARSE_GRID, help="grid L,H,W,A of the sparse runs")
     parser.add_argument("--dim", default=DEFAULT_SPARSE_DIM, type=int, help="embedding size of the sparse runs")
-    parser.add_argument("--no-report-step", dest="report", action="store_false", default=True,
-                        help="do not measure `tripletflow report` after each sparse run")
-    parser.add_argument("--no-dense", dest="dense", action="store_false", default=True,
-                        help="skip the dense grid of the maximum configured size")
+    parser.add_argument(
+        "--no-report-step",
+        dest="report",
+        action="store_false",
+        default=True,
+        help="do not measure `tripletflow report` after each sparse run",
+    )
+    parser.add_argument(
+        "--no-dense",
+        dest="dense",
+        action="store_false",
+        default=True,
+        help="skip the dense grid of the maximum configured size",
+    )
     args = parser.parse_args(argv)
     small, large = sorted(int(s) for s in args.sizes.split(","))
     sparse_grid = contract.GridSpec.parse(args.grid, args.dim)
@@ -167,46 +207,64 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench_memory_", dir="/tmp") as root:
         floor = measure([sys.executable, "-c", IMPORT_FLOOR], os.path.join(root, "floor.log"))
-        rows = {size: run_once(root, f"sparse-{size}", size, sparse_grid, EMPTY_FRACTION, args.report)
-                for size in (small, large)}
+        rows = {
+            size: run_once(root, f"sparse-{size}", size, sparse_grid, EMPTY_FRACTION, args.report)
+            for size in (small, large)
+        }
         dense = run_once(root, "dense", DENSE_EXAMPLES, dense_grid, 0.0, False) if args.dense else None
 
     shape = f"grid {args.grid} dim {args.dim}, empty fraction {EMPTY_FRACTION}"
     print(f"\n## Peak memory vs number of examples ({shape}; `tripletflow run --no-report`, FnApiRunner)")
     print(f"baseline: a process importing the stack peaks at {floor['peak_rss_mib']:.0f} MiB")
-    print("| examples | input GB | valid boxes | run s | examples/s | peak RSS MiB | over baseline MiB |"
-          + (" report s | report peak RSS MiB |" if args.report else ""))
+    print(
+        "| examples | input GB | valid boxes | run s | examples/s | peak RSS MiB | over baseline MiB |"
+        + (" report s | report peak RSS MiB |" if args.report else "")
+    )
     print("|---|---|---|---|---|---|---|" + ("---|---|" if args.report else ""))
     for size in (small, large):
         r = rows[size]
-        line = (f"| {size:,} | {r['input_gb']:.2f} | {r['valid_boxes']:,} | {r['seconds']:.1f} "
-                f"| {size / r['seconds']:.0f} | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - floor['peak_rss_mib']:.0f} |")
+        line = (
+            f"| {size:,} | {r['input_gb']:.2f} | {r['valid_boxes']:,} | {r['seconds']:.1f} "
+            f"| {size / r['seconds']:.0f} | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - floor['peak_rss_mib']:.0f} |"
+        )
         if args.report:
             line += f" {r['report']['seconds']:.1f} | {r['report']['peak_rss_mib']:.0f} |"
         print(line)
     ratio = rows[large]["peak_rss_mib"] / rows[small]["peak_rss_mib"]
     verdict = "met" if ratio <= TARGET_RATIO + NOISE_TOLERANCE else "NOT met"
-    print(f"\npeak RSS ratio {large:,}/{small:,} examples: {ratio:.3f} (target ~{TARGET_RATIO:.1f}, "
-          f"<= {TARGET_RATIO + NOISE_TOLERANCE:.2f} with noise: {verdict}); {large // small}x the examples")
+    print(
+        f"\npeak RSS ratio {large:,}/{small:,} examples: {ratio:.3f} (target ~{TARGET_RATIO:.1f}, "
+        f"<= {TARGET_RATIO + NOISE_TOLERANCE:.2f} with noise: {verdict}); {large // small}x the examples"
+    )
     if args.report:
         report_ratio = rows[large]["report"]["peak_rss_mib"] / rows[small]["report"]["peak_rss_mib"]
-        print(f"report step peak RSS ratio: {report_ratio:.3f} (for information: the report reads the "
-              f"vectors table's small columns)")
+        print(
+            f"report step peak RSS ratio: {report_ratio:.3f} (for information: the report reads the "
+            f"vectors table's small columns)"
+        )
     for size in (small, large):
         r = rows[size]
-        print(f"RSS MiB of the {size:,}-example run by tenth of its {r['seconds']:.0f} s (highest sample in each): "
-              + " ".join(f"{v:.0f}" for v in rss_by_tenth(r["timeline"], r["seconds"])))
+        print(
+            f"RSS MiB of the {size:,}-example run by tenth of its {r['seconds']:.0f} s (highest sample in each): "
+            + " ".join(f"{v:.0f}" for v in rss_by_tenth(r["timeline"], r["seconds"]))
+        )
     marginal = (large - small) / max(rows[large]["seconds"] - rows[small]["seconds"], 1e-9)
     print(f"marginal throughput (examples between the sizes / extra seconds): {marginal:.0f} examples/s")
-    print("generation s (not part of the runs): "
-          + ", ".join(f"{size:,}: {rows[size]['generate_seconds']:.0f}" for size in (small, large)))
+    print(
+        "generation s (not part of the runs): "
+        + ", ".join(f"{size:,}: {rows[size]['generate_seconds']:.0f}" for size in (small, large))
+    )
     if dense is not None:
         boxes = dense_grid.boxes
-        print(f"\n## Dense grid of the maximum configured size, alone ({','.join(map(str, dense_grid.grid_shape))} "
-              f"dim {dense_grid.dim}, every box labelled)")
-        print(f"{DENSE_EXAMPLES} example, {dense['valid_boxes']:,} valid boxes, {boxes * (boxes - 1) // 2:,} pairs: "
-              f"run {dense['seconds']:.1f} s, peak RSS {dense['peak_rss_mib']:.0f} MiB "
-              f"({dense['peak_rss_mib'] - floor['peak_rss_mib']:.0f} MiB over the import baseline)")
+        print(
+            f"\n## Dense grid of the maximum configured size, alone ({','.join(map(str, dense_grid.grid_shape))} "
+            f"dim {dense_grid.dim}, every box labelled)"
+        )
+        print(
+            f"{DENSE_EXAMPLES} example, {dense['valid_boxes']:,} valid boxes, {boxes * (boxes - 1) // 2:,} pairs: "
+            f"run {dense['seconds']:.1f} s, peak RSS {dense['peak_rss_mib']:.0f} MiB "
+            f"({dense['peak_rss_mib'] - floor['peak_rss_mib']:.0f} MiB over the import baseline)"
+        )
     return 0
 
 

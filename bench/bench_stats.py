@@ -48,11 +48,26 @@ def child_pipeline(input_glob: str, output: str) -> dict:
     from components.embedding_stats.options import EmbeddingStatsOptions
 
     start = time.perf_counter()
-    options = EmbeddingStatsOptions(["--input", input_glob, "--output", output, "--runner", "FnApiRunner",
-                                     "--no-report", "--batch-size", str(BATCH_SIZE)])
+    options = EmbeddingStatsOptions(
+        [
+            "--input",
+            input_glob,
+            "--output",
+            output,
+            "--runner",
+            "FnApiRunner",
+            "--no-report",
+            "--batch-size",
+            str(BATCH_SIZE),
+        ]
+    )
     result = execute(options)
-    return {"seconds": time.perf_counter() - start, "examples": result.summary["examples"],
-            "boxes": result.summary["valid_boxes"], "peak_rss_mb": _peak_rss_mb()}
+    return {
+        "seconds": time.perf_counter() - start,
+        "examples": result.summary["examples"],
+        "boxes": result.summary["valid_boxes"],
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
 def child_floor(input_glob: str) -> dict:
@@ -71,8 +86,11 @@ def child_floor(input_glob: str) -> dict:
         contract.EMBEDDINGS: tf.io.FixedLenFeature([grid.boxes, grid.dim], tf.float32),
         contract.LABELS: tf.io.FixedLenFeature([grid.boxes], tf.int64),
     }
-    stats = tf.function(lambda e, l: triplet_loss.triplet_statistics(e, l), autograph=False, input_signature=[
-        tf.TensorSpec([None, None, grid.dim], tf.float32), tf.TensorSpec([None, None], tf.int64)])
+    stats = tf.function(
+        lambda e, l: triplet_loss.triplet_statistics(e, l),
+        autograph=False,
+        input_signature=[tf.TensorSpec([None, None, grid.dim], tf.float32), tf.TensorSpec([None, None], tf.int64)],
+    )
     files = sorted(glob.glob(input_glob))
     dataset = tf.data.TFRecordDataset(files).batch(BATCH_SIZE).map(lambda raw: tf.io.parse_example(raw, spec))
     examples = boxes = 0
@@ -82,15 +100,15 @@ def child_floor(input_glob: str) -> dict:
         row_labels = labels[sets, box]
         rows = BoxSets.from_rows(sets, row_labels >= 0)
         m = max(1, int(rows.valid_counts.max()))
-        padded, padded_labels = rows.padded(batch[contract.EMBEDDINGS].numpy()[sets, box], row_labels,
-                                            np.arange(len(labels)), m)
-        chunk = max(1, MAX_PAIR_CELLS_PER_CALL // m ** 2)  # same memory bound as the pipeline
+        padded, padded_labels = rows.padded(
+            batch[contract.EMBEDDINGS].numpy()[sets, box], row_labels, np.arange(len(labels)), m
+        )
+        chunk = max(1, MAX_PAIR_CELLS_PER_CALL // m**2)  # same memory bound as the pipeline
         for first in range(0, len(labels), chunk):
-            out = stats(padded[first:first + chunk], padded_labels[first:first + chunk])
+            out = stats(padded[first : first + chunk], padded_labels[first : first + chunk])
             boxes += int(out["n_boxes"].numpy().sum())
         examples += len(labels)
-    return {"seconds": time.perf_counter() - start, "examples": examples, "boxes": boxes,
-            "peak_rss_mb": _peak_rss_mb()}
+    return {"seconds": time.perf_counter() - start, "examples": examples, "boxes": boxes, "peak_rss_mb": _peak_rss_mb()}
 
 
 def _run_child(*args) -> dict:
@@ -111,14 +129,16 @@ def measure(shape: str, sizes, root: str, repeats: int) -> dict:
     rows = {}
     for size in sizes:
         input_dir = os.path.join(root, f"{shape}-{size}", "input")
-        sample_data.generate(input_dir, sample_data.SampleOptions(
-            examples=size, shards=SHARDS, empty_fraction=SHAPES[shape], seed=size))
+        sample_data.generate(
+            input_dir, sample_data.SampleOptions(examples=size, shards=SHARDS, empty_fraction=SHAPES[shape], seed=size)
+        )
         glob_ = os.path.join(input_dir, "*")
         runs = {"floor": [], "pipeline": []}
         for _ in range(repeats):  # interleaved, so that a slow spell of the machine hits both alike
             runs["floor"].append(_run_child("--child", "floor", glob_))
-            runs["pipeline"].append(_run_child("--child", "pipeline", glob_,
-                                               os.path.join(root, f"{shape}-{size}", "output")))
+            runs["pipeline"].append(
+                _run_child("--child", "pipeline", glob_, os.path.join(root, f"{shape}-{size}", "output"))
+            )
         rows[size] = {what: _fastest(found) for what, found in runs.items()}
     return rows
 
@@ -131,27 +151,42 @@ def report(shape: str, rows: dict) -> None:
     for size in (small, large):
         for what in ("floor", "pipeline"):
             r = rows[size][what]
-            print(f"| {what} | {r['examples']} | {r['seconds']:.1f} | {r['examples'] / r['seconds']:.1f} "
-                  f"| {r['boxes'] / r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
-    marginal = {what: (rows[large][what]["seconds"] - rows[small][what]["seconds"]) / (large - small)
-                for what in ("floor", "pipeline")}
+            print(
+                f"| {what} | {r['examples']} | {r['seconds']:.1f} | {r['examples'] / r['seconds']:.1f} "
+                f"| {r['boxes'] / r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |"
+            )
+    marginal = {
+        what: (rows[large][what]["seconds"] - rows[small][what]["seconds"]) / (large - small)
+        for what in ("floor", "pipeline")
+    }
     startup = {what: rows[small][what]["seconds"] - small * marginal[what] for what in marginal}
     ratio = marginal["pipeline"] / marginal["floor"] if marginal["floor"] > 0 else float("inf")
-    print(f"\nmarginal s/example: pipeline {marginal['pipeline']:.4f}, floor {marginal['floor']:.4f}, "
-          f"ratio {ratio:.2f} (target <= {TARGET_MARGINAL_RATIO})")
-    print(f"start-up: pipeline {startup['pipeline']:.1f} s, floor {startup['floor']:.1f} s "
-          f"(target pipeline < {TARGET_STARTUP_S} s)")
-    print(f"peak RSS pipeline: {rows[small]['pipeline']['peak_rss_mb']:.0f} MiB at {small}, "
-          f"{rows[large]['pipeline']['peak_rss_mb']:.0f} MiB at {large}")
+    print(
+        f"\nmarginal s/example: pipeline {marginal['pipeline']:.4f}, floor {marginal['floor']:.4f}, "
+        f"ratio {ratio:.2f} (target <= {TARGET_MARGINAL_RATIO})"
+    )
+    print(
+        f"start-up: pipeline {startup['pipeline']:.1f} s, floor {startup['floor']:.1f} s "
+        f"(target pipeline < {TARGET_STARTUP_S} s)"
+    )
+    print(
+        f"peak RSS pipeline: {rows[small]['pipeline']['peak_rss_mb']:.0f} MiB at {small}, "
+        f"{rows[large]['pipeline']['peak_rss_mb']:.0f} MiB at {large}"
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=[*SHAPES, "both"], default="both")
-    parser.add_argument("--sizes", default=None,
-                        help=f"two example counts small,large (default per shape: {DEFAULT_SIZES})")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
-                        help="runs of each measurement, fastest kept (default %(default)s)")
+    parser.add_argument(
+        "--sizes", default=None, help=f"two example counts small,large (default per shape: {DEFAULT_SIZES})"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=DEFAULT_REPEATS,
+        help="runs of each measurement, fastest kept (default %(default)s)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

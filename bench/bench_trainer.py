@@ -76,8 +76,12 @@ def write_vectors(root: str, examples: int, grid: contract.GridSpec, seed: int) 
         if rows >= ROWS_PER_FILE:
             flush()
     flush()
-    manifest = {"run_dir": run_dir, "files": listed, "note": "bench input",
-                "options": {"grid": ",".join(map(str, grid.grid_shape)), "dim": grid.dim}}
+    manifest = {
+        "run_dir": run_dir,
+        "files": listed,
+        "note": "bench input",
+        "options": {"grid": ",".join(map(str, grid.grid_shape)), "dim": grid.dim},
+    }
     with open(os.path.join(root, contract.MANIFEST_FILE), "w") as f:
         json.dump(manifest, f)
     return total
@@ -109,8 +113,13 @@ def main(argv=None) -> int:
 
     hidden = tuple(int(w) for w in args.hidden.split(",") if w)
     options = spec_lib.TrainOptions(
-        epochs=1, batch_size=args.batch_size, mining=args.mining, hidden=hidden, mixed_precision=args.mixed_precision,
-        export=False, validation_fraction=0.01,
+        epochs=1,
+        batch_size=args.batch_size,
+        mining=args.mining,
+        hidden=hidden,
+        mixed_precision=args.mixed_precision,
+        export=False,
+        validation_fraction=0.01,
     )
     spec = spec_lib.TrainerSpec((stats,), os.path.join(work, "train"), options)
     executor = Executor(spec, verbose=False)
@@ -160,11 +169,16 @@ def main(argv=None) -> int:
     figures["pipeline_over_step"] = figures["pipeline_examples_per_s"] / figures["step_examples_per_s"]
     figures["epoch_over_step"] = figures["epoch_examples_per_s"] / figures["step_examples_per_s"]
     figures["bottleneck"] = "input pipeline" if figures["pipeline_over_step"] < 1 else "training step"
-    print(f"device: {figures['device']}; {n_train} train examples of ~{figures['valid_boxes_per_example']:.0f} valid boxes")
+    print(
+        f"device: {figures['device']}; {n_train} train examples of "
+        f"~{figures['valid_boxes_per_example']:.0f} valid boxes"
+    )
     print(f"input pipeline alone : {figures['pipeline_examples_per_s']:9.1f} examples/s")
     print(f"training step alone  : {figures['step_examples_per_s']:9.1f} examples/s")
-    print(f"whole epoch          : {figures['epoch_examples_per_s']:9.1f} examples/s "
-          f"({figures['epoch_over_step']:.2f} x step alone)")
+    print(
+        f"whole epoch          : {figures['epoch_examples_per_s']:9.1f} examples/s "
+        f"({figures['epoch_over_step']:.2f} x step alone)"
+    )
     print(f"pipeline / step      : {figures['pipeline_over_step']:9.2f}  -> bottleneck: {figures['bottleneck']}")
     print(json.dumps(figures))
     return 0

@@ -135,8 +135,9 @@ def write_json_if_unchanged(path: str, document, version) -> None:
     from google.api_core.exceptions import PreconditionFailed
 
     try:
-        _gcs_blob(path).upload_from_string(data, content_type="application/json",
-                                           if_generation_match=version or 0)  # 0: only if absent
+        _gcs_blob(path).upload_from_string(
+            data, content_type="application/json", if_generation_match=version or 0
+        )  # 0: only if absent
     except PreconditionFailed:
         raise ConcurrentUpdate(path) from None
 

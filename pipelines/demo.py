@@ -27,10 +27,13 @@ def run(argv=None) -> int:
         parser.error(str(error))
     paths = sample_data.generate(input_dir, options)
     print(f"demo: wrote {args.examples} sample examples in {len(paths)} TFRecord file(s) under {input_dir}")
-    code = embedding_stats.run(["--input", os.path.join(input_dir, "*"), "--output", output_dir,
-                                "--runner", "FnApiRunner", *extra])
+    code = embedding_stats.run(
+        ["--input", os.path.join(input_dir, "*"), "--output", output_dir, "--runner", "FnApiRunner", *extra]
+    )
     if code == ExitCode.OK:
-        print(f"demo: outputs under {output_dir}: MANIFEST.json (the committed run and its files: vectors/, "
-              "examples/, dead_letter/ (Parquet), summary.json (and .parquet), transform_graph/ under runs/), "
-              "report.html")
+        print(
+            f"demo: outputs under {output_dir}: MANIFEST.json (the committed run and its files: vectors/, "
+            "examples/, dead_letter/ (Parquet), summary.json (and .parquet), transform_graph/ under runs/), "
+            "report.html"
+        )
     return code

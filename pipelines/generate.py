@@ -18,12 +18,16 @@ def parse_args(argv):
     parser.add_argument("--grid", default=",".join(map(str, contract.DEFAULT_GRID)), help="L,H,W,A")
     parser.add_argument("--dim", type=int, default=contract.DEFAULT_DIM, help="floats per box")
     parser.add_argument("--identities", type=int, default=defaults.identities, help="identity pool size")
-    parser.add_argument("--empty-fraction", type=float, default=defaults.empty_fraction,
-                        help="fraction of boxes left empty (label -1)")
+    parser.add_argument(
+        "--empty-fraction", type=float, default=defaults.empty_fraction, help="fraction of boxes left empty (label -1)"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--gzip", action="store_true", help="GZIP-compress the shards")
-    parser.add_argument("--seed-toy", action="store_true",
-                        help="write the first seed thread's toy batch (2 images, grid 2,13,13,5, dim 100)")
+    parser.add_argument(
+        "--seed-toy",
+        action="store_true",
+        help="write the first seed thread's toy batch (2 images, grid 2,13,13,5, dim 100)",
+    )
     return parser.parse_args(argv)
 
 

@@ -81,7 +81,7 @@ def partition_paths(input_template: str, output_template: str, date: datetime.da
 
 def history_root(output_template: str) -> str:
     """The folder holding every date's partition: the template cut before the segment with {date}."""
-    return output_template[:output_template.index("{" + DATE_FIELD + "}")].rsplit("/", 1)[0]
+    return output_template[: output_template.index("{" + DATE_FIELD + "}")].rsplit("/", 1)[0]
 
 
 def is_complete(output_dir: str) -> bool:
@@ -91,23 +91,42 @@ def is_complete(output_dir: str) -> bool:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0],
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
         epilog="Other flags (EmbeddingStats and Beam options, see tripletflow run --help) are passed to every run.",
-        formatter_class=HelpFormatter)
-    p.add_argument("--input-template", "--input_template", dest="input_template", required=True,
-                   help="input glob with {date}, e.g. 'gs://b/in/date={date}/*.tfrecord.gz'")
-    p.add_argument("--output-template", "--output_template", dest="output_template", required=True,
-                   help="output directory with {date}, e.g. 'gs://b/out/date={date}'")
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "--input-template",
+        "--input_template",
+        dest="input_template",
+        required=True,
+        help="input glob with {date}, e.g. 'gs://b/in/date={date}/*.tfrecord.gz'",
+    )
+    p.add_argument(
+        "--output-template",
+        "--output_template",
+        dest="output_template",
+        required=True,
+        help="output directory with {date}, e.g. 'gs://b/out/date={date}'",
+    )
     when = p.add_mutually_exclusive_group()
     when.add_argument("--date", type=parse_date, help="the partition YYYY-MM-DD (default: yesterday, UTC)")
-    when.add_argument("--backfill", nargs=2, type=parse_date, metavar=("FROM", "TO"),
-                      help="every date from FROM to TO (inclusive); dates already complete are skipped")
+    when.add_argument(
+        "--backfill",
+        nargs=2,
+        type=parse_date,
+        metavar=("FROM", "TO"),
+        help="every date from FROM to TO (inclusive); dates already complete are skipped",
+    )
     p.add_argument("--force", action="store_true", help="with --backfill: re-run complete dates too")
-    p.add_argument("--attempts", type=int, default=DEFAULT_ATTEMPTS,
-                   help="tries per date; a failed try publishes nothing")
+    p.add_argument(
+        "--attempts", type=int, default=DEFAULT_ATTEMPTS, help="tries per date; a failed try publishes nothing"
+    )
     report.add_report_arguments(
         p.add_argument_group("report, written after each date (--history default: the templates' partition root)"),
-        skippable=True)
+        skippable=True,
+    )
     return p
 
 
@@ -134,8 +153,13 @@ def run_date(date: datetime.date, args, passthrough: list[str], log=print) -> in
 
 def report_date(output_dir: str, args) -> int:
     """Writes the date's report with the earlier partitions as history; the alert code when asked."""
-    return report.write_report(output_dir, history_root=args.history or history_root(args.output_template),
-                               thresholds=args.threshold, fail_on_alert=args.fail_on_alert, prog=PROG)
+    return report.write_report(
+        output_dir,
+        history_root=args.history or history_root(args.output_template),
+        thresholds=args.threshold,
+        fail_on_alert=args.fail_on_alert,
+        prog=PROG,
+    )
 
 
 def run(argv=None) -> int:

@@ -13,9 +13,11 @@ from pipelines.exit_codes import ExitCode
 from schemas import contract
 
 PROG = "tripletflow report"
-EPILOG = (f"exit codes: {ExitCode.OK} written (no alert, or no --fail-on-alert); {ExitCode.ALERT} alerts with "
-          f"--fail-on-alert; {ExitCode.USAGE} bad arguments or not a finished run; {ExitCode.REPORT_FAILED} a "
-          "finished run whose report could not be written")
+EPILOG = (
+    f"exit codes: {ExitCode.OK} written (no alert, or no --fail-on-alert); {ExitCode.ALERT} alerts with "
+    f"--fail-on-alert; {ExitCode.USAGE} bad arguments or not a finished run; {ExitCode.REPORT_FAILED} a "
+    "finished run whose report could not be written"
+)
 
 
 def _threshold_help() -> str:
@@ -27,12 +29,25 @@ def _threshold_help() -> str:
 def add_report_arguments(parser, *, skippable: bool) -> None:
     """The report's flags on `parser` (an argparse parser or group); `skippable` adds --no-report."""
     if skippable:
-        parser.add_argument("--no-report", dest="report", action="store_false", default=True,
-                            help="do not write report.html/alerts.json after the run")
-    parser.add_argument("--history", default=None,
-                        help="root of date=YYYY-MM-DD partitions of earlier runs, for trends and AUC-drop alerts")
-    parser.add_argument("--fail-on-alert", dest="fail_on_alert", action="store_true", default=False,
-                        help=f"exit {ExitCode.ALERT} when any alert fires (a scheduler marks the night red)")
+        parser.add_argument(
+            "--no-report",
+            dest="report",
+            action="store_false",
+            default=True,
+            help="do not write report.html/alerts.json after the run",
+        )
+    parser.add_argument(
+        "--history",
+        default=None,
+        help="root of date=YYYY-MM-DD partitions of earlier runs, for trends and AUC-drop alerts",
+    )
+    parser.add_argument(
+        "--fail-on-alert",
+        dest="fail_on_alert",
+        action="store_true",
+        default=False,
+        help=f"exit {ExitCode.ALERT} when any alert fires (a scheduler marks the night red)",
+    )
     parser.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE", help=_threshold_help())
 
 
@@ -47,17 +62,20 @@ def check_thresholds(pairs) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG, formatter_class=HelpFormatter
+    )
     parser.add_argument("--output", required=True, help="a run's output directory (holds MANIFEST.json)")
-    parser.add_argument("--model", default=None,
-                        help="a trainer output directory (default: OUTPUT/model when it holds metrics.json)")
+    parser.add_argument(
+        "--model", default=None, help="a trainer output directory (default: OUTPUT/model when it holds metrics.json)"
+    )
     add_report_arguments(parser, skippable=False)
     return parser
 
 
-def write_report(output_dir, *, history_root=None, thresholds=(), model_dir=None, fail_on_alert=False,
-                 prog=PROG) -> ExitCode:
+def write_report(
+    output_dir, *, history_root=None, thresholds=(), model_dir=None, fail_on_alert=False, prog=PROG
+) -> ExitCode:
     """Writes report.html and alerts.json for a finished run and prints the alerts.
 
     Shared by `tripletflow report`, `run` and `nightly`. Returns OK, ALERT (alerts and
@@ -79,8 +97,10 @@ def write_report(output_dir, *, history_root=None, thresholds=(), model_dir=None
         return ExitCode.USAGE
     except Exception as error:  # noqa: BLE001 - a finished run's report must not pass for bad arguments
         message = " ".join(str(error).split())
-        print(f"{prog}: the run's outputs are published, but its report failed: {type(error).__name__}: {message}",
-              file=sys.stderr)
+        print(
+            f"{prog}: the run's outputs are published, but its report failed: {type(error).__name__}: {message}",
+            file=sys.stderr,
+        )
         return ExitCode.REPORT_FAILED
     print(f"wrote {storage.join(output_dir, contract.REPORT_FILE)} and {contract.ALERTS_FILE}: {len(alerts)} alert(s)")
     for alert in alerts:
@@ -90,5 +110,10 @@ def write_report(output_dir, *, history_root=None, thresholds=(), model_dir=None
 
 def run(argv=None) -> int:
     args = parser().parse_args(argv)
-    return write_report(args.output, history_root=args.history, thresholds=args.threshold, model_dir=args.model,
-                        fail_on_alert=args.fail_on_alert)
+    return write_report(
+        args.output,
+        history_root=args.history,
+        thresholds=args.threshold,
+        model_dir=args.model,
+        fail_on_alert=args.fail_on_alert,
+    )

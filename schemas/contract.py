@@ -120,11 +120,14 @@ def _schema_with_shapes(path: str, shapes: dict):
 
 def input_schema(grid: GridSpec = GridSpec()):
     """The tensorflow-metadata Schema of the input records, with the shapes of `grid`."""
-    return _schema_with_shapes(INPUT_SCHEMA_PATH, {
-        EXAMPLE_ID: [1],
-        EMBEDDINGS: [*grid.grid_shape, grid.dim],
-        LABELS: list(grid.grid_shape),
-    })
+    return _schema_with_shapes(
+        INPUT_SCHEMA_PATH,
+        {
+            EXAMPLE_ID: [1],
+            EMBEDDINGS: [*grid.grid_shape, grid.dim],
+            LABELS: list(grid.grid_shape),
+        },
+    )
 
 
 def box_schema(grid: GridSpec = GridSpec()):
@@ -134,13 +137,15 @@ def box_schema(grid: GridSpec = GridSpec()):
 
 # Arrow layout of the box record batches between EmbeddingStats stages: every column a list
 # of one value per row (a vector of `dim` for the embedding), as TFXIO lays out features.
-BOX_ARROW_SCHEMA = pa.schema([
-    pa.field(BOX_EXAMPLE_ID, pa.large_list(pa.large_binary())),
-    pa.field(BOX_INDEX, pa.large_list(pa.int64())),
-    pa.field(BOX_SET, pa.large_list(pa.int64())),
-    pa.field(BOX_LABEL, pa.large_list(pa.int64())),
-    pa.field(BOX_EMBEDDING, pa.large_list(pa.float32())),
-])
+BOX_ARROW_SCHEMA = pa.schema(
+    [
+        pa.field(BOX_EXAMPLE_ID, pa.large_list(pa.large_binary())),
+        pa.field(BOX_INDEX, pa.large_list(pa.int64())),
+        pa.field(BOX_SET, pa.large_list(pa.int64())),
+        pa.field(BOX_LABEL, pa.large_list(pa.int64())),
+        pa.field(BOX_EMBEDDING, pa.large_list(pa.float32())),
+    ]
+)
 
 
 # ---------------------------------------------------------------------------
@@ -267,6 +272,7 @@ def check_columns(schema: pa.Schema, columns, reader: str) -> tuple:
         raise ValueError(f"{reader} reads columns {unknown} that the contract does not declare")
     return tuple(columns)
 
+
 # ---------------------------------------------------------------------------
 # Outputs: files and JSON documents of one run's output directory.
 # ---------------------------------------------------------------------------
@@ -285,30 +291,63 @@ TABLE_SCHEMAS = {VECTORS_DIR: VECTORS_SCHEMA, EXAMPLES_DIR: EXAMPLES_SCHEMA, DEA
 # e.g. every night of a nightly job); see README.md for each key's meaning and units.
 _COUNT = pa.int64()
 _MEAN = pa.float64()  # null where undefined (nothing to average)
-SUMMARY_SCHEMA = pa.schema([
-    pa.field("records_read", _COUNT, nullable=False),
-    pa.field("records_good", _COUNT, nullable=False),
-    pa.field("records_rejected", _COUNT, nullable=False),
-    pa.field("rejected_by_reason", pa.struct([pa.field(r, _COUNT, nullable=False) for r in Reason.ALL]), nullable=False),
-    *[pa.field(name, _COUNT, nullable=False) for name in (
-        "examples", "empty_examples", "valid_boxes", "identities", "pos_pairs", "neg_pairs", "triplets",
-        "active_triplets")],
-    *[pa.field(name, _MEAN) for name in (
-        "active_triplet_fraction", "mean_batch_all_loss", "mean_batch_hard_loss", "mean_semi_hard_loss")],
-    pa.field("l2_norm", pa.struct([
-        pa.field("count", _COUNT, nullable=False),
-        *[pa.field(name, _MEAN) for name in ("mean", "std", "min", "max")],
-        pa.field("quantiles", pa.map_(pa.string(), pa.float64()), nullable=False),  # "p01".."p99"
-    ]), nullable=False),
-    pa.field("histogram", pa.struct([
-        pa.field("distance", pa.string(), nullable=False),
-        pa.field("bin_edges", pa.list_(pa.float64()), nullable=False),
-        pa.field("positive", pa.list_(_COUNT), nullable=False),
-        pa.field("negative", pa.list_(_COUNT), nullable=False),
-    ]), nullable=False),
-    pa.field("roc_auc", _MEAN),
-    pa.field("roc_auc_error_bound", _MEAN),
-])
+SUMMARY_SCHEMA = pa.schema(
+    [
+        pa.field("records_read", _COUNT, nullable=False),
+        pa.field("records_good", _COUNT, nullable=False),
+        pa.field("records_rejected", _COUNT, nullable=False),
+        pa.field(
+            "rejected_by_reason", pa.struct([pa.field(r, _COUNT, nullable=False) for r in Reason.ALL]), nullable=False
+        ),
+        *[
+            pa.field(name, _COUNT, nullable=False)
+            for name in (
+                "examples",
+                "empty_examples",
+                "valid_boxes",
+                "identities",
+                "pos_pairs",
+                "neg_pairs",
+                "triplets",
+                "active_triplets",
+            )
+        ],
+        *[
+            pa.field(name, _MEAN)
+            for name in (
+                "active_triplet_fraction",
+                "mean_batch_all_loss",
+                "mean_batch_hard_loss",
+                "mean_semi_hard_loss",
+            )
+        ],
+        pa.field(
+            "l2_norm",
+            pa.struct(
+                [
+                    pa.field("count", _COUNT, nullable=False),
+                    *[pa.field(name, _MEAN) for name in ("mean", "std", "min", "max")],
+                    pa.field("quantiles", pa.map_(pa.string(), pa.float64()), nullable=False),  # "p01".."p99"
+                ]
+            ),
+            nullable=False,
+        ),
+        pa.field(
+            "histogram",
+            pa.struct(
+                [
+                    pa.field("distance", pa.string(), nullable=False),
+                    pa.field("bin_edges", pa.list_(pa.float64()), nullable=False),
+                    pa.field("positive", pa.list_(_COUNT), nullable=False),
+                    pa.field("negative", pa.list_(_COUNT), nullable=False),
+                ]
+            ),
+            nullable=False,
+        ),
+        pa.field("roc_auc", _MEAN),
+        pa.field("roc_auc_error_bound", _MEAN),
+    ]
+)
 SUMMARY_KEYS = tuple(SUMMARY_SCHEMA.names)  # top-level keys of summary.json, in order
 
 # Top-level keys of MANIFEST.json.
@@ -352,8 +391,10 @@ def output_path(output_dir: str, relative: str) -> str:
 def run_path(output_dir: str, manifest: dict, *parts: str) -> str:
     """A path inside the committed run's directory, e.g. run_path(out, m, TRANSFORM_GRAPH_DIR)."""
     if "run_dir" not in manifest:
-        raise ValueError(f"{output_path(output_dir, MANIFEST_FILE)} has no run_dir: written by an older "
-                         "tripletflow; re-run EmbeddingStats into this output")
+        raise ValueError(
+            f"{output_path(output_dir, MANIFEST_FILE)} has no run_dir: written by an older "
+            "tripletflow; re-run EmbeddingStats into this output"
+        )
     return output_path(output_dir, "/".join([manifest["run_dir"], *parts]))
 
 
@@ -364,5 +405,8 @@ def listed_files(output_dir: str, manifest: dict, item: str) -> list[str]:
     """
     run_path(output_dir, manifest)  # the same clear error for an older manifest
     prefix = f"{manifest['run_dir']}/{item}"
-    return sorted(output_path(output_dir, entry["path"]) for entry in manifest["files"]
-                  if entry["path"] == prefix or entry["path"].startswith(prefix + "/"))
+    return sorted(
+        output_path(output_dir, entry["path"])
+        for entry in manifest["files"]
+        if entry["path"] == prefix or entry["path"].startswith(prefix + "/")
+    )

@@ -74,8 +74,9 @@ def _service(argv: list[str], port: int, env: dict, log):
 def worker_pool(extra_env: dict | None = None, log=subprocess.DEVNULL):
     """Yields the address of a Beam SDK worker pool (for --environment_type=EXTERNAL)."""
     port = free_port()
-    with _service(["apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"], port,
-                  venv_env(extra_env), log) as address:
+    with _service(
+        ["apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"], port, venv_env(extra_env), log
+    ) as address:
         yield address
 
 
@@ -83,8 +84,9 @@ def worker_pool(extra_env: dict | None = None, log=subprocess.DEVNULL):
 def job_service(log=subprocess.DEVNULL):
     """Yields the address of Beam's local job service (for PortableRunner --job_endpoint)."""
     port = free_port()
-    with _service(["apache_beam.runners.portability.local_job_service_main", f"--port={port}"], port,
-                  venv_env(), log) as address:
+    with _service(
+        ["apache_beam.runners.portability.local_job_service_main", f"--port={port}"], port, venv_env(), log
+    ) as address:
         yield address
 
 
@@ -95,5 +97,6 @@ def job_state(endpoint: str, job_id: str) -> str:
 
     with grpc.insecure_channel(endpoint) as channel:
         response = beam_job_api_pb2_grpc.JobServiceStub(channel).GetState(
-            beam_job_api_pb2.GetJobStateRequest(job_id=job_id), timeout=30)
+            beam_job_api_pb2.GetJobStateRequest(job_id=job_id), timeout=30
+        )
     return beam_job_api_pb2.JobState.Enum.Name(response.state)

@@ -29,7 +29,10 @@ def read_input(pattern: str, grid: contract.GridSpec) -> dict:
             labels = np.array(feature[contract.LABELS].int64_list.value, np.int64)
             if emb.size != grid.embeddings_length or labels.size != grid.boxes:
                 continue
-            found[feature[contract.EXAMPLE_ID].bytes_list.value[0].decode()] = (emb.reshape(grid.boxes, grid.dim), labels)
+            found[feature[contract.EXAMPLE_ID].bytes_list.value[0].decode()] = (
+                emb.reshape(grid.boxes, grid.dim),
+                labels,
+            )
     return found
 
 

@@ -46,11 +46,23 @@ BASH_JAVA_UTILS_PREFIX = "BASH_JAVA_UTILS_EXEC_RESULT:"
 JOBMANAGER_CLASS = "org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint"
 TASKMANAGER_CLASS = "org.apache.flink.runtime.taskexecutor.TaskManagerRunner"
 # The module openings Flink's own start scripts pass on Java 17 (its default env.java.opts.all).
-JAVA17_OPENS = [f"--add-opens=java.base/{package}=ALL-UNNAMED" for package in (
-    "java.lang", "java.lang.reflect", "java.io", "java.net", "java.nio", "java.text", "java.time",
-    "java.util", "java.util.concurrent", "java.util.concurrent.atomic", "java.util.concurrent.locks",
-    "sun.nio.ch")] + [f"--add-exports=java.base/{package}=ALL-UNNAMED" for package in (
-    "sun.net.util", "sun.nio.ch")]
+JAVA17_OPENS = [
+    f"--add-opens=java.base/{package}=ALL-UNNAMED"
+    for package in (
+        "java.lang",
+        "java.lang.reflect",
+        "java.io",
+        "java.net",
+        "java.nio",
+        "java.text",
+        "java.time",
+        "java.util",
+        "java.util.concurrent",
+        "java.util.concurrent.atomic",
+        "java.util.concurrent.locks",
+        "sun.nio.ch",
+    )
+] + [f"--add-exports=java.base/{package}=ALL-UNNAMED" for package in ("sun.net.util", "sun.nio.ch")]
 LOG4J_PROPERTIES = """\
 rootLogger.level = INFO
 rootLogger.appenderRef.file.ref = FileAppender
@@ -120,15 +132,24 @@ class FlinkCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.base_dir / "tmp").mkdir(exist_ok=True)
         config = {
-            "jobmanager.rpc.address": "localhost", "jobmanager.rpc.port": self.rpc_port,
-            "jobmanager.bind-host": "localhost", "rest.address": "localhost", "rest.bind-address": "localhost",
-            "rest.port": self.rest_port, "taskmanager.host": "localhost", "taskmanager.bind-host": "localhost",
-            "taskmanager.numberOfTaskSlots": SLOTS_PER_TASKMANAGER, "parallelism.default": PARALLELISM,
-            "jobmanager.memory.process.size": JOBMANAGER_MEMORY, "taskmanager.memory.process.size": TASKMANAGER_MEMORY,
-            "restart-strategy.type": "fixed-delay", "restart-strategy.fixed-delay.attempts": RESTART_ATTEMPTS,
+            "jobmanager.rpc.address": "localhost",
+            "jobmanager.rpc.port": self.rpc_port,
+            "jobmanager.bind-host": "localhost",
+            "rest.address": "localhost",
+            "rest.bind-address": "localhost",
+            "rest.port": self.rest_port,
+            "taskmanager.host": "localhost",
+            "taskmanager.bind-host": "localhost",
+            "taskmanager.numberOfTaskSlots": SLOTS_PER_TASKMANAGER,
+            "parallelism.default": PARALLELISM,
+            "jobmanager.memory.process.size": JOBMANAGER_MEMORY,
+            "taskmanager.memory.process.size": TASKMANAGER_MEMORY,
+            "restart-strategy.type": "fixed-delay",
+            "restart-strategy.fixed-delay.attempts": RESTART_ATTEMPTS,
             "restart-strategy.fixed-delay.delay": f"{RESTART_DELAY_S} s",
             "jobmanager.execution.failover-strategy": "region",
-            "heartbeat.interval": HEARTBEAT_INTERVAL_MS, "heartbeat.timeout": HEARTBEAT_TIMEOUT_MS,
+            "heartbeat.interval": HEARTBEAT_INTERVAL_MS,
+            "heartbeat.timeout": HEARTBEAT_TIMEOUT_MS,
             "io.tmp.dirs": str(self.base_dir / "tmp"),
         }
         # config.yaml is standard YAML (Flink 1.19+); JSON is YAML, so json.dumps writes every value safely.
@@ -140,10 +161,24 @@ class FlinkCluster:
         as Flink's start scripts do (a TaskManager refuses to start without its memory spec)."""
         home = self.installation.flink_home
         classpath = f"{home / 'bin' / 'bash-java-utils.jar'}{os.pathsep}{home / 'lib' / '*'}"
-        done = subprocess.run([_java(), "-cp", classpath, "org.apache.flink.runtime.util.bash.BashJavaUtils",
-                               command, "--configDir", str(self.conf_dir)], capture_output=True, text=True)
-        results = [line.split(":", 1)[1].split() for line in done.stdout.splitlines()
-                   if line.startswith(BASH_JAVA_UTILS_PREFIX)]
+        done = subprocess.run(
+            [
+                _java(),
+                "-cp",
+                classpath,
+                "org.apache.flink.runtime.util.bash.BashJavaUtils",
+                command,
+                "--configDir",
+                str(self.conf_dir),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        results = [
+            line.split(":", 1)[1].split()
+            for line in done.stdout.splitlines()
+            if line.startswith(BASH_JAVA_UTILS_PREFIX)
+        ]
         if done.returncode != 0 or len(results) < 2:
             raise FlinkUnavailable(f"BashJavaUtils {command} failed: {(done.stdout + done.stderr)[-2000:]}")
         return results[-2], results[-1]
@@ -151,10 +186,20 @@ class FlinkCluster:
     def _spawn(self, main_class: str, name: str, resources: str, *properties: str) -> subprocess.Popen:
         jvm_flags, dynamic = self._resource_params(resources)
         log_file = self.log_dir / f"{name}.log"
-        argv = [_java(), *jvm_flags, *JAVA17_OPENS, f"-Dlog.file={log_file}",
-                f"-Dlog4j.configurationFile=file:{self.conf_dir / 'log4j.properties'}",
-                "-cp", str(self.installation.flink_home / "lib" / "*"), main_class, "--configDir", str(self.conf_dir),
-                *dynamic, *(arg for prop in properties for arg in ("-D", prop))]
+        argv = [
+            _java(),
+            *jvm_flags,
+            *JAVA17_OPENS,
+            f"-Dlog.file={log_file}",
+            f"-Dlog4j.configurationFile=file:{self.conf_dir / 'log4j.properties'}",
+            "-cp",
+            str(self.installation.flink_home / "lib" / "*"),
+            main_class,
+            "--configDir",
+            str(self.conf_dir),
+            *dynamic,
+            *(arg for prop in properties for arg in ("-D", prop)),
+        ]
         with open(self.log_dir / f"{name}.out", "wb") as out:
             return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -180,7 +225,9 @@ class FlinkCluster:
                     return
             self._check_alive()
             if time.monotonic() > deadline:
-                raise FlinkUnavailable(f"{count} TaskManagers did not register within {timeout_s} s: {self.logs_tail()}")
+                raise FlinkUnavailable(
+                    f"{count} TaskManagers did not register within {timeout_s} s: {self.logs_tail()}"
+                )
             time.sleep(POLL_S)
 
     def _check_alive(self) -> None:
@@ -257,8 +304,22 @@ def job_server(installation: Installation, master: str, base_dir: Path, log=subp
     yields its job endpoint for `--runner=PortableRunner --job_endpoint=...`."""
     jar = installation.require_job_server()
     port = free_port()
-    argv = [_java(), *JAVA17_OPENS, "-jar", str(jar), "--flink-master", master, "--job-port", str(port),
-            "--artifact-port", "0", "--expansion-port", "0", "--artifacts-dir", str(Path(base_dir) / "artifacts")]
+    argv = [
+        _java(),
+        *JAVA17_OPENS,
+        "-jar",
+        str(jar),
+        "--flink-master",
+        master,
+        "--job-port",
+        str(port),
+        "--artifact-port",
+        "0",
+        "--expansion-port",
+        "0",
+        "--artifacts-dir",
+        str(Path(base_dir) / "artifacts"),
+    ]
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         problem = wait_until_listening(process, port, START_TIMEOUT_S, POLL_S)

@@ -1,4 +1,5 @@
-"""The command line's contract: full --help, one set of exit codes, loss settings checked alike, no TensorFlow to parse flags."""
+"""The command line's contract: full --help, one set of exit codes, loss settings checked alike, flags parsed
+without TensorFlow."""
 
 from __future__ import annotations
 
@@ -15,15 +16,36 @@ from components.trainer.spec import TrainOptions
 from pipelines import cli
 from pipelines.exit_codes import ExitCode
 
-RUN_FLAGS = ("--no-wait", "--no-report", "--history", "--fail-on-alert", "--threshold", "--input", "--output",
-             "--grid", "--dim", "--margin", "--distance", "--no-normalize", "--center", "--batch-size",
-             "--norm-buckets", "--histogram-bins")
+RUN_FLAGS = (
+    "--no-wait",
+    "--no-report",
+    "--history",
+    "--fail-on-alert",
+    "--threshold",
+    "--input",
+    "--output",
+    "--grid",
+    "--dim",
+    "--margin",
+    "--distance",
+    "--no-normalize",
+    "--center",
+    "--batch-size",
+    "--norm-buckets",
+    "--histogram-bins",
+)
 
 
 def test_exit_codes_are_the_documented_numbers():
     # README: 2 bad flags, 3 every record of the wrong length, 4 alerts, 5 report failed after a published run.
     assert {code.name: code.value for code in ExitCode} == {
-        "OK": 0, "FAILED": 1, "USAGE": 2, "ALL_WRONG_LENGTH": 3, "ALERT": 4, "REPORT_FAILED": 5}
+        "OK": 0,
+        "FAILED": 1,
+        "USAGE": 2,
+        "ALL_WRONG_LENGTH": 3,
+        "ALERT": 4,
+        "REPORT_FAILED": 5,
+    }
 
 
 def test_run_help_lists_every_flag_with_its_default_and_names_beam_options(capsys):
@@ -31,8 +53,18 @@ def test_run_help_lists_every_flag_with_its_default_and_names_beam_options(capsy
     text = " ".join(capsys.readouterr().out.split())
     missing = [flag for flag in RUN_FLAGS if flag not in text]
     assert not missing, missing
-    for shown in ("(default: 0.2)", "(default: 200)", "(default: 10)", "(default: 16)", "(default: euclidean)",
-                  "(default: 2,13,13,5)", "--runner", "FnApiRunner", "--direct_num_workers", "DataflowRunner"):
+    for shown in (
+        "(default: 0.2)",
+        "(default: 200)",
+        "(default: 10)",
+        "(default: 16)",
+        "(default: euclidean)",
+        "(default: 2,13,13,5)",
+        "--runner",
+        "FnApiRunner",
+        "--direct_num_workers",
+        "DataflowRunner",
+    ):
         assert shown in text, shown
     assert "(default: True)" not in text and "(default: False)" not in text  # switches show no default
     assert "Exit codes: 0 ok, 1 failed, 2 usage, 3 all_wrong_length, 4 alert, 5 report_failed" in text
@@ -75,8 +107,10 @@ def test_loss_bound_by_hand():
 
 
 def test_parsing_train_and_report_flags_loads_no_tensorflow():
-    code = ("import sys; from pipelines import train, report; "
-            "train.parser().parse_args(['--stats', 'a', '--output', 'b', '--margin', '0.3']); "
-            "report.parser().parse_args(['--output', 'a']); import components.report.run_data; "
-            "sys.exit(int('tensorflow' in sys.modules))")
+    code = (
+        "import sys; from pipelines import train, report; "
+        "train.parser().parse_args(['--stats', 'a', '--output', 'b', '--margin', '0.3']); "
+        "report.parser().parse_args(['--output', 'a']); import components.report.run_data; "
+        "sys.exit(int('tensorflow' in sys.modules))"
+    )
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -70,7 +70,9 @@ def test_counts_add_up(stats_run, sample_input):
     assert all(row["source_file"].endswith("part-bad.tfrecord") and row["raw"] for row in dead)
     manifest = json.load(open(os.path.join(stats_run.output_dir, contract.MANIFEST_FILE)))
     assert tuple(manifest) == contract.MANIFEST_KEYS
-    assert manifest["counts"]["records_in"] == manifest["counts"]["records_good"] + manifest["counts"]["records_rejected"]
+    assert (
+        manifest["counts"]["records_in"] == manifest["counts"]["records_good"] + manifest["counts"]["records_rejected"]
+    )
     assert sorted(manifest["input_files"]) == sample_input.files
     assert manifest["start_time"] <= manifest["end_time"]
     # The output holds the manifest and the one run it commits; the run only the declared outputs:
@@ -78,10 +80,12 @@ def test_counts_add_up(stats_run, sample_input):
     out = stats_run.output_dir
     assert sorted(os.listdir(out)) == [contract.MANIFEST_FILE, contract.RUNS_DIR]
     assert [os.path.join(contract.RUNS_DIR, name) for name in os.listdir(os.path.join(out, contract.RUNS_DIR))] == [
-        manifest["run_dir"]]
+        manifest["run_dir"]
+    ]
     assert manifest["run_id"] == stats_run.result.run_id and manifest["run_dir"].endswith(manifest["run_id"])
-    assert sorted(os.listdir(os.path.join(out, manifest["run_dir"]))) == sorted([
-        *contract.TABLE_SCHEMAS, contract.TRANSFORM_GRAPH_DIR, contract.SUMMARY_FILE, contract.SUMMARY_PARQUET_FILE])
+    assert sorted(os.listdir(os.path.join(out, manifest["run_dir"]))) == sorted(
+        [*contract.TABLE_SCHEMAS, contract.TRANSFORM_GRAPH_DIR, contract.SUMMARY_FILE, contract.SUMMARY_PARQUET_FILE]
+    )
     # The manifest lists every file of the run, with its size on disk and (Parquet) its rows.
     on_disk = {}
     for folder, _, names in os.walk(os.path.join(out, manifest["run_dir"])):
@@ -90,21 +94,28 @@ def test_counts_add_up(stats_run, sample_input):
             rows = pq.ParquetFile(path).metadata.num_rows if name.endswith(".parquet") else None
             on_disk[os.path.relpath(path, out)] = (os.path.getsize(path), rows)
     assert {f["path"]: (f["bytes"], f["rows"]) for f in manifest["files"]} == on_disk
-    rows = {table: sum(rows for path, (_, rows) in on_disk.items() if path.startswith(f"{manifest['run_dir']}/{table}/"))
-            for table in contract.TABLE_SCHEMAS}
-    assert rows == {contract.VECTORS_DIR: summary["valid_boxes"], contract.EXAMPLES_DIR: len(sample_input.good_ids),
-                    contract.DEAD_LETTER_DIR: len(sample_input.bad_ids)}
+    rows = {
+        table: sum(rows for path, (_, rows) in on_disk.items() if path.startswith(f"{manifest['run_dir']}/{table}/"))
+        for table in contract.TABLE_SCHEMAS
+    }
+    assert rows == {
+        contract.VECTORS_DIR: summary["valid_boxes"],
+        contract.EXAMPLES_DIR: len(sample_input.good_ids),
+        contract.DEAD_LETTER_DIR: len(sample_input.bad_ids),
+    }
 
 
 def _grid_batch(ids, embeddings, labels):
     """A grid record batch in TFXIO's layout of the input schema (one list per feature per record)."""
     import pyarrow as pa
 
-    return pa.RecordBatch.from_pydict({
-        contract.EXAMPLE_ID: pa.array([[i.encode()] for i in ids], pa.large_list(pa.large_binary())),
-        contract.EMBEDDINGS: pa.array([e.reshape(-1).tolist() for e in embeddings], pa.large_list(pa.float32())),
-        contract.LABELS: pa.array([l.tolist() for l in labels], pa.large_list(pa.int64())),
-    })
+    return pa.RecordBatch.from_pydict(
+        {
+            contract.EXAMPLE_ID: pa.array([[i.encode()] for i in ids], pa.large_list(pa.large_binary())),
+            contract.EMBEDDINGS: pa.array([e.reshape(-1).tolist() for e in embeddings], pa.large_list(pa.float32())),
+            contract.LABELS: pa.array([l.tolist() for l in labels], pa.large_list(pa.int64())),
+        }
+    )
 
 
 def test_box_batches_hold_the_valid_boxes_and_one_placeholder_per_empty_example(monkeypatch):
@@ -136,11 +147,20 @@ def test_vectors_norms_and_z_scores_equal_numpy(stats_run, reference_input):
     for example_id, (emb, labels) in reference_input.items():
         for box in np.flatnonzero(labels >= 0):
             x = emb[box]
-            expected.append((example_id, *grid.box_position(int(box)), labels[box],
-                             np.sqrt((x * x).sum()), np.abs(x).sum(), np.abs(x).max(),
-                             x / np.linalg.norm(x)))
-    want = pd.DataFrame(expected, columns=["example_id", "level", "row", "col", "anchor", "label", "l2", "l1",
-                                           "max_abs", "unit"])
+            expected.append(
+                (
+                    example_id,
+                    *grid.box_position(int(box)),
+                    labels[box],
+                    np.sqrt((x * x).sum()),
+                    np.abs(x).sum(),
+                    np.abs(x).max(),
+                    x / np.linalg.norm(x),
+                )
+            )
+    want = pd.DataFrame(
+        expected, columns=["example_id", "level", "row", "col", "anchor", "label", "l2", "l1", "max_abs", "unit"]
+    )
     merged = want.merge(vectors, on=["example_id", "level", "row", "col", "anchor"], validate="one_to_one")
     assert len(merged) == len(want) == len(vectors)
     assert (merged["label_x"] == merged["label_y"]).all()
@@ -171,8 +191,13 @@ def test_summary_matches_examples_and_brute_force_auc(stats_run, reference_input
     summary = ref.read_summary(stats_run.output_dir)
     assert tuple(summary) == contract.SUMMARY_KEYS
     examples = ref.read_table(stats_run.output_dir, contract.EXAMPLES_DIR).to_pandas()
-    for key, column in (("pos_pairs", "n_pos_pairs"), ("neg_pairs", "n_neg_pairs"), ("triplets", "n_triplets"),
-                        ("active_triplets", "n_active_triplets"), ("valid_boxes", "n_boxes")):
+    for key, column in (
+        ("pos_pairs", "n_pos_pairs"),
+        ("neg_pairs", "n_neg_pairs"),
+        ("triplets", "n_triplets"),
+        ("active_triplets", "n_active_triplets"),
+        ("valid_boxes", "n_boxes"),
+    ):
         assert summary[key] == examples[column].sum(), key
     histogram = summary["histogram"]
     assert sum(histogram["positive"]) == examples["n_pos_pairs"].sum()
@@ -229,8 +254,10 @@ def test_transform_graph_serves_the_same_preprocessing(stats_run, reference_inpu
     assert set(output.raw_feature_spec()) == {contract.BOX_EMBEDDING, contract.BOX_LABEL}  # one box, no grid
     _, (emb, labels) = next(iter(reference_input.items()))
     emb = emb[labels >= 0]  # any boxes: serving feeds boxes without labels
-    features = {contract.BOX_EMBEDDING: tf.constant(emb, tf.float32),
-                contract.BOX_LABEL: tf.zeros([len(emb)], tf.int64)}
+    features = {
+        contract.BOX_EMBEDDING: tf.constant(emb, tf.float32),
+        contract.BOX_LABEL: tf.zeros([len(emb)], tf.int64),
+    }
     transformed = output.transform_features_layer()(features)
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     np.testing.assert_allclose(transformed["embedding"].numpy(), unit, atol=FLOAT_ATOL)
@@ -296,10 +323,14 @@ def test_an_examples_statistics_do_not_depend_on_its_batch_mates():
     pos_alone, neg_alone = 0, 0
     for i in range(len(rows)):
         mine = set_index == i
-        alone, p, q = fn._loss_graph(BoxSets.from_rows(set_index[mine], labels[mine] >= 0), fed[mine], labels[mine], 2.0)
+        alone, p, q = fn._loss_graph(
+            BoxSets.from_rows(set_index[mine], labels[mine] >= 0), fed[mine], labels[mine], 2.0
+        )
         pos_alone, neg_alone = pos_alone + p, neg_alone + q
         for name in together:
             assert together[name][i] == alone[name][0] or (np.isnan(alone[name][0]) and np.isnan(together[name][i])), (
-                i, name)
+                i,
+                name,
+            )
     assert (pos == pos_alone).all() and (neg == neg_alone).all()
     assert together["n_boxes"].tolist() == valid_boxes

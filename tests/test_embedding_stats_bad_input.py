@@ -75,12 +75,20 @@ def bad_records():
         "inf-valid": (_example("inf-valid", inf, labels), R.NON_FINITE),
         "label-below": (_example("label-below", emb, low), R.BAD_LABEL),
         "wrong-length": (_example("wrong-length", emb[:-1], labels), R.WRONG_LENGTH),
-        "missing-embeddings": (_features(example_id=("bytes_list", [b"missing-embeddings"]),
-                                         labels=("int64_list", labels.tolist())), R.MISSING_FEATURE),
+        "missing-embeddings": (
+            _features(example_id=("bytes_list", [b"missing-embeddings"]), labels=("int64_list", labels.tolist())),
+            R.MISSING_FEATURE,
+        ),
         "empty-id": (_example("", emb, labels), R.BAD_EXAMPLE_ID),
         None: (b"\x08\x96\x01 this is not a tf.train.Example", R.UNPARSEABLE),
-        "wrong-type": (_features(example_id=("bytes_list", [b"wrong-type"]), embeddings=("float_list", emb.ravel()),
-                                 labels=("float_list", labels.astype(float).tolist())), R.WRONG_TYPE),
+        "wrong-type": (
+            _features(
+                example_id=("bytes_list", [b"wrong-type"]),
+                embeddings=("float_list", emb.ravel()),
+                labels=("float_list", labels.astype(float).tolist()),
+            ),
+            R.WRONG_TYPE,
+        ),
     }
 
 
@@ -110,8 +118,15 @@ def bad_input(tmp_path_factory):
     framing = framing_files(directory)
     empty = os.path.join(directory, "empty.tfrecord")
     open(empty, "wb").close()
-    return {"directory": directory, "pattern": os.path.join(directory, "*"), "good": good, "bad": bad,
-            "mixed": mixed, "framing": framing, "empty": empty}
+    return {
+        "directory": directory,
+        "pattern": os.path.join(directory, "*"),
+        "good": good,
+        "bad": bad,
+        "mixed": mixed,
+        "framing": framing,
+        "empty": empty,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -200,21 +215,27 @@ def test_extreme_values_give_finite_or_null_statistics_never_nan(bad_input, bad_
             assert rows[key][name] == pytest.approx(expected[name], rel=1e-3, abs=1e-4), (key, name)
     huge = vectors.filter(pa.compute.equal(vectors.column("example_id"), "huge")).to_pandas()
     emb, labels = bad_input["good"]["huge"]
-    np.testing.assert_allclose(np.sort(huge["l2_norm"]),
-                               np.sort(np.linalg.norm(emb[labels >= 0].astype(np.float64), axis=1)), rtol=1e-4)
+    np.testing.assert_allclose(
+        np.sort(huge["l2_norm"]), np.sort(np.linalg.norm(emb[labels >= 0].astype(np.float64), axis=1)), rtol=1e-4
+    )
 
 
 def test_read_and_validate_transforms_route_records(bad_input):
     """The reader and validator alone, on Beam's TestPipeline with assert_that."""
-    with test_pipeline.TestPipeline(options=beam.options.pipeline_options.PipelineOptions(["--runner", "FnApiRunner"])) as p:
+    with test_pipeline.TestPipeline(
+        options=beam.options.pipeline_options.PipelineOptions(["--runner", "FnApiRunner"])
+    ) as p:
         read = p | ReadRecords([bad_input["mixed"], bad_input["empty"], bad_input["framing"]["bad-crc"][0]])
         validated = read.records | ValidateRecords(GRID)
-        reasons = ((read[DEAD], validated[DEAD]) | beam.Flatten() | beam.Map(lambda row: row["reason"]))
-        n_good = (validated.good  # box record batches: count their examples
-                  | "Examples" >> beam.Map(lambda batch: len(set(batch.column(contract.BOX_SET).flatten().to_pylist())))
-                  | "CountGood" >> beam.CombineGlobally(sum))
-        assert_that(reasons, equal_to([reason for _, reason in bad_input["bad"].values()] + [R.CORRUPT_FILE]),
-                    label="reasons")
+        reasons = (read[DEAD], validated[DEAD]) | beam.Flatten() | beam.Map(lambda row: row["reason"])
+        n_good = (
+            validated.good  # box record batches: count their examples
+            | "Examples" >> beam.Map(lambda batch: len(set(batch.column(contract.BOX_SET).flatten().to_pylist())))
+            | "CountGood" >> beam.CombineGlobally(sum)
+        )
+        assert_that(
+            reasons, equal_to([reason for _, reason in bad_input["bad"].values()] + [R.CORRUPT_FILE]), label="reasons"
+        )
         assert_that(n_good, equal_to([len(bad_input["good"]) + 1]), label="good")
 
 
@@ -248,8 +269,20 @@ def test_all_records_mismatching_the_grid_publish_empty_tables_and_fail(bad_inpu
     (out / contract.VECTORS_DIR).mkdir(parents=True)
     (out / contract.VECTORS_DIR / "part-stale.parquet").write_bytes(b"stale")
     (out / contract.MANIFEST_FILE).write_text("{}")
-    code, err = _cli(["--input", bad_input["mixed"], "--output", str(out), "--grid", "1,2,2,4",
-                      "--runner", "FnApiRunner", "--no-report"], capsys)
+    code, err = _cli(
+        [
+            "--input",
+            bad_input["mixed"],
+            "--output",
+            str(out),
+            "--grid",
+            "1,2,2,4",
+            "--runner",
+            "FnApiRunner",
+            "--no-report",
+        ],
+        capsys,
+    )
     assert code == ExitCode.ALL_WRONG_LENGTH and "wrong length" in err
     assert not (out / contract.VECTORS_DIR / "part-stale.parquet").exists()
     manifest = json.loads((out / contract.MANIFEST_FILE).read_text())
@@ -268,10 +301,21 @@ def test_failed_run_publishes_nothing_and_keeps_old_results(bad_input, tmp_path,
     def fail(*args, **kwargs):
         raise RuntimeError("injected failure while summarizing")
 
-    monkeypatch.setattr("components.embedding_stats.summary.assemble_summary", fail)  # looked up by name when the pipeline runs
+    monkeypatch.setattr(
+        "components.embedding_stats.summary.assemble_summary", fail
+    )  # looked up by name when the pipeline runs
     fresh = tmp_path / "fresh"
-    argv = ["--input", bad_input["mixed"], "--grid", ",".join(map(str, GRID.grid_shape)), "--dim", str(GRID.dim),
-            "--runner", "FnApiRunner", "--no-report"]
+    argv = [
+        "--input",
+        bad_input["mixed"],
+        "--grid",
+        ",".join(map(str, GRID.grid_shape)),
+        "--dim",
+        str(GRID.dim),
+        "--runner",
+        "FnApiRunner",
+        "--no-report",
+    ]
     code, err = _cli([*argv, "--output", str(fresh)], capsys)
     assert code == ExitCode.FAILED and "injected failure" in err and "\n" not in err
     assert not fresh.exists()

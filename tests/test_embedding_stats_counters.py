@@ -57,16 +57,25 @@ def counted_run(tmp_path_factory):
     from apache_beam.testing.test_pipeline import TestPipeline
 
     from components.embedding_stats.commit import RunInfo
+    from components.embedding_stats.common import METRICS_NAMESPACE
     from components.embedding_stats.executor import build_pipeline
     from components.embedding_stats.options import EmbeddingStatsOptions
-    from components.embedding_stats.common import METRICS_NAMESPACE
 
     root = tmp_path_factory.mktemp("counters")
     rng = np.random.default_rng(SEED)
-    good = list(sample_data.sample_arrays(sample_data.SampleOptions(
-        examples=GOOD_EXAMPLES, grid=GRID, empty_fraction=0.5, seed=SEED)))
-    good += [(f"empty-{i}", rng.normal(size=(GRID.boxes, GRID.dim)).astype(np.float32),
-              np.full(GRID.boxes, contract.EMPTY_LABEL, np.int64)) for i in range(EMPTY_EXAMPLES)]
+    good = list(
+        sample_data.sample_arrays(
+            sample_data.SampleOptions(examples=GOOD_EXAMPLES, grid=GRID, empty_fraction=0.5, seed=SEED)
+        )
+    )
+    good += [
+        (
+            f"empty-{i}",
+            rng.normal(size=(GRID.boxes, GRID.dim)).astype(np.float32),
+            np.full(GRID.boxes, contract.EMPTY_LABEL, np.int64),
+        )
+        for i in range(EMPTY_EXAMPLES)
+    ]
     bad = _bad_records(rng)
 
     # Good and bad records interleaved over SHARDS files.
@@ -74,19 +83,31 @@ def counted_run(tmp_path_factory):
     bad_flat = [record for reason in bad for record in bad[reason]]
     mixed = []
     for i in range(max(len(records), len(bad_flat))):
-        mixed += records[i:i + 1] + bad_flat[i:i + 1]
+        mixed += records[i : i + 1] + bad_flat[i : i + 1]
     files = sample_data.write_records(mixed, str(root / "input"), shards=SHARDS)
     # One more file: two good records, then a third cut short (framing broken: corrupt_file).
     truncated_dir = str(root / "truncated")
     (truncated,) = sample_data.write_records(
-        [sample_data.to_example(*item) for item in good[:TRUNCATED_COMPLETE_RECORDS]] + [records[0]], truncated_dir)
+        [sample_data.to_example(*item) for item in good[:TRUNCATED_COMPLETE_RECORDS]] + [records[0]], truncated_dir
+    )
     with open(truncated, "r+b") as f:
         f.truncate(os.path.getsize(truncated) - TRUNCATE_BYTES)
     files.append(truncated)
 
-    options = EmbeddingStatsOptions([
-        "--input", os.path.join(str(root), "*", "*"), "--output", str(root / "output"),
-        "--grid", ",".join(map(str, GRID.grid_shape)), "--dim", str(GRID.dim), "--runner", "FnApiRunner"])
+    options = EmbeddingStatsOptions(
+        [
+            "--input",
+            os.path.join(str(root), "*", "*"),
+            "--output",
+            str(root / "output"),
+            "--grid",
+            ",".join(map(str, GRID.grid_shape)),
+            "--dim",
+            str(GRID.dim),
+            "--runner",
+            "FnApiRunner",
+        ]
+    )
     with TestPipeline(options=options) as p:
         build_pipeline(p, options, RunInfo.start(str(root / "output"), options.input, files, {}))
     result = p.result  # set by the context manager, after waiting until the run finished
@@ -117,8 +138,18 @@ def test_fixture_covers_every_counted_case(counted_run):
     assert sum(1 for name, n in expected.items() if name.startswith("rejected_") and n) == 4
 
 
-@pytest.mark.parametrize("name", ["files_read", "records_read", "records_good", "examples", "valid_boxes",
-                                  "empty_examples", *(f"rejected_{reason}" for reason in R.ALL)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "files_read",
+        "records_read",
+        "records_good",
+        "examples",
+        "valid_boxes",
+        "empty_examples",
+        *(f"rejected_{reason}" for reason in R.ALL),
+    ],
+)
 def test_counter_equals_independent_count(counted_run, name):
     counters, expected = counted_run
     assert counters[name] == expected[name], f"counter {name}: {counters[name]} != {expected[name]}"

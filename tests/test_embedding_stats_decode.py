@@ -56,8 +56,12 @@ def test_other_batches_go_to_tfx_bsl_which_isolates_the_bad_record(validator, ba
     if bad == "garbled":
         raws.insert(2, b"\xff\xfe not an Example \x80")
     elif bad == "short":
-        raws.insert(2, sample_data.to_example("short", np.ones((GRID.boxes - 1, GRID.dim), np.float32),
-                                              np.zeros(GRID.boxes - 1, np.int64)))
+        raws.insert(
+            2,
+            sample_data.to_example(
+                "short", np.ones((GRID.boxes - 1, GRID.dim), np.float32), np.zeros(GRID.boxes - 1, np.int64)
+            ),
+        )
     else:
         import tensorflow as tf
 

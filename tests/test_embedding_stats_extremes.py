@@ -24,9 +24,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from components.embedding_stats import read as read_lib
 from components.embedding_stats.common import DEAD
 from components.embedding_stats.validate import MAX_L1_NORM
-from pipelines import embedding_stats as entry
-from pipelines.exit_codes import ExitCode
 from pipelines import report as report_entry
+from pipelines.exit_codes import ExitCode
 from schemas import contract
 from tests import embedding_stats_reference as ref
 from tests.conftest import run_stats, write_tfrecords
@@ -68,9 +67,15 @@ def accepted_records():
     huge_tiny[3] *= np.float32(1e-10)
     short = emb.copy()
     short[3] *= np.float32(SHORT_SCALE)
-    return {"short-vector": (short, labels), "at-limit": (at_limit, labels), "max-in-empty-box": (in_empty, labels),
-            "subnormal": (subnormal, labels), "negative-zero": (np.full_like(emb, -0.0), labels),
-            "huge-and-tiny": (huge_tiny, labels), "normal": (emb, labels)}
+    return {
+        "short-vector": (short, labels),
+        "at-limit": (at_limit, labels),
+        "max-in-empty-box": (in_empty, labels),
+        "subnormal": (subnormal, labels),
+        "negative-zero": (np.full_like(emb, -0.0), labels),
+        "huge-and-tiny": (huge_tiny, labels),
+        "normal": (emb, labels),
+    }
 
 
 def overflowing_records():
@@ -79,9 +84,13 @@ def overflowing_records():
     over = _signs(22) * np.float32(MAX_L1_NORM / GRID.dim * 1.001)
     one_box = _grid_arrays(23, MIXED_LABELS)[0]
     one_box[4] = F32.max  # one valid box at float32's max
-    return {"over-limit": (over, labels), "e38": (_signs(24) * np.float32(1e38), labels),
-            "3e38": (_signs(25) * np.float32(3e38), labels), "float32-max": (_signs(26) * F32.max, labels),
-            "one-box-at-max": (one_box, labels)}
+    return {
+        "over-limit": (over, labels),
+        "e38": (_signs(24) * np.float32(1e38), labels),
+        "3e38": (_signs(25) * np.float32(3e38), labels),
+        "float32-max": (_signs(26) * F32.max, labels),
+        "one-box-at-max": (one_box, labels),
+    }
 
 
 def padded_example(example_id, emb, labels, length) -> bytes:
@@ -102,9 +111,13 @@ def gzip_passing_plain_crc(path, records) -> str:
     The gzip header's XFL, OS and FEXTRA length bytes are free, so they are set to the masked
     CRC of the first eight bytes (RFC 1952: ID1 ID2 CM FLG=FEXTRA MTIME).
     """
-    raw = b"".join(struct.pack("<Q", len(r)) + struct.pack("<I", read_lib._TFRecordUtil._masked_crc32c(
-        struct.pack("<Q", len(r)))) + r + struct.pack("<I", read_lib._TFRecordUtil._masked_crc32c(r))
-        for r in records)
+    raw = b"".join(
+        struct.pack("<Q", len(r))
+        + struct.pack("<I", read_lib._TFRecordUtil._masked_crc32c(struct.pack("<Q", len(r))))
+        + r
+        + struct.pack("<I", read_lib._TFRecordUtil._masked_crc32c(r))
+        for r in records
+    )
     first8 = b"\x1f\x8b\x08\x04" + struct.pack("<I", 12345)
     crc = struct.pack("<I", read_lib._TFRecordUtil._masked_crc32c(first8))
     extra_length = struct.unpack("<H", crc[2:])[0]
@@ -119,24 +132,36 @@ def gzip_passing_plain_crc(path, records) -> str:
 def edge_input(tmp_path_factory):
     directory = tmp_path_factory.mktemp("edge_input")
     accepted, overflowing = accepted_records(), overflowing_records()
-    extremes = write_tfrecords(str(directory / "extremes.tfrecord"),
-                               [_example(k, *v) for k, v in {**accepted, **overflowing}.items()])
+    extremes = write_tfrecords(
+        str(directory / "extremes.tfrecord"), [_example(k, *v) for k, v in {**accepted, **overflowing}.items()]
+    )
     emb, labels = _grid_arrays(30, MIXED_LABELS)
     magic_ids = [f"magic-{i}" for i in range(3)]
-    magic = write_tfrecords(str(directory / "gzip-magic.tfrecord"),
-                            [padded_example(magic_ids[0], emb, labels, MAGIC_LENGTH)]
-                            + [_example(i, emb, labels) for i in magic_ids[1:]])
+    magic = write_tfrecords(
+        str(directory / "gzip-magic.tfrecord"),
+        [padded_example(magic_ids[0], emb, labels, MAGIC_LENGTH)] + [_example(i, emb, labels) for i in magic_ids[1:]],
+    )
     both_ids = ["both-0", "both-1"]
-    both = gzip_passing_plain_crc(str(directory / "gzip-passing-plain-crc.tfrecord"),
-                                  [_example(i, emb, labels) for i in both_ids])
+    both = gzip_passing_plain_crc(
+        str(directory / "gzip-passing-plain-crc.tfrecord"), [_example(i, emb, labels) for i in both_ids]
+    )
     huge_ids = ["before-huge-0", "before-huge-1"]
     huge = write_tfrecords(str(directory / "huge-length.tfrecord"), [_example(i, emb, labels) for i in huge_ids])
     header = struct.pack("<Q", HUGE_LENGTH)
     with open(huge, "ab") as f:
         f.write(header + struct.pack("<I", read_lib._TFRecordUtil._masked_crc32c(header)) + b"x" * 64)
-    return {"directory": str(directory), "pattern": str(directory / "*"), "accepted": accepted,
-            "overflowing": overflowing, "extremes": extremes, "magic": (magic, magic_ids),
-            "both": (both, both_ids), "huge": (huge, huge_ids), "emb": emb, "labels": labels}
+    return {
+        "directory": str(directory),
+        "pattern": str(directory / "*"),
+        "accepted": accepted,
+        "overflowing": overflowing,
+        "extremes": extremes,
+        "magic": (magic, magic_ids),
+        "both": (both, both_ids),
+        "huge": (huge, huge_ids),
+        "emb": emb,
+        "labels": labels,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +231,11 @@ def test_extreme_but_representable_values_match_numpy(edge_input, edge_run):
         assert len(got) == len(x), key
         # Subnormals may be flushed to 0 by TensorFlow's CPU/GPU kernels (FTZ/DAZ): a norm is
         # then 0 instead of ~1e-44, within float32's smallest normal of the exact value.
-        for column, expected in (("l2_norm", np.linalg.norm(x, axis=1)), ("l1_norm", np.abs(x).sum(axis=1)),
-                                 ("max_abs", np.abs(x).max(axis=1))):
+        for column, expected in (
+            ("l2_norm", np.linalg.norm(x, axis=1)),
+            ("l1_norm", np.abs(x).sum(axis=1)),
+            ("max_abs", np.abs(x).max(axis=1)),
+        ):
             np.testing.assert_allclose(got[column], expected, rtol=NORM_RTOL, atol=F32.tiny, err_msg=f"{key} {column}")
         expected = ref.example_statistics(emb.astype(np.float64), labels, "euclidean")
         for name in ("n_boxes", "n_pos_pairs", "n_neg_pairs", "n_triplets"):
@@ -292,8 +320,20 @@ def test_centered_unnormalized_run_of_extremes_stays_finite(edge_input, tmp_path
 def test_fifo_matching_the_input_is_refused_up_front(tmp_path, capsys):
     write_tfrecords(str(tmp_path / "a.tfrecord"), [_example("a", *_grid_arrays(1, MIXED_LABELS))])
     os.mkfifo(tmp_path / "b.tfrecord")
-    code, err = _cli(["--input", str(tmp_path / "*.tfrecord"), "--output", str(tmp_path / "out"),
-                      "--grid", ",".join(map(str, GRID.grid_shape)), "--dim", str(GRID.dim), "--no-report"], capsys)
+    code, err = _cli(
+        [
+            "--input",
+            str(tmp_path / "*.tfrecord"),
+            "--output",
+            str(tmp_path / "out"),
+            "--grid",
+            ",".join(map(str, GRID.grid_shape)),
+            "--dim",
+            str(GRID.dim),
+            "--no-report",
+        ],
+        capsys,
+    )
     assert code == ExitCode.USAGE and "FIFO" in err and "b.tfrecord" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
 
@@ -313,10 +353,14 @@ def test_reader_never_blocks_on_a_fifo(tmp_path):
     watchdog.start()
     try:
         with test_pipeline.TestPipeline(
-                options=beam.options.pipeline_options.PipelineOptions(["--runner", "FnApiRunner"])) as p:
+            options=beam.options.pipeline_options.PipelineOptions(["--runner", "FnApiRunner"])
+        ) as p:
             read = p | read_lib.ReadRecords([fifo])
-            assert_that(read[DEAD] | beam.Map(lambda row: (row["reason"], "FIFO" in row["detail"])),
-                        equal_to([(R.CORRUPT_FILE, True)]), label="dead")
+            assert_that(
+                read[DEAD] | beam.Map(lambda row: (row["reason"], "FIFO" in row["detail"])),
+                equal_to([(R.CORRUPT_FILE, True)]),
+                label="dead",
+            )
             assert_that(read.records, equal_to([]), label="records")
     finally:
         watchdog.cancel()
@@ -330,7 +374,10 @@ def test_option_values_at_their_limits_are_one_line_errors_before_any_work(edge_
         "--batch-size": [["--batch-size", "0"], ["--batch-size", str(10**12)]],
         "--norm-buckets": [["--norm-buckets", "100000"]],
         "--histogram-bins": [["--histogram-bins", str(10**9)]],
-        "a tf.train.Example can hold": [["--grid", "65536,65536,65536,65536"], ["--grid", "1,1,1,1", "--dim", str(2**40)]],
+        "a tf.train.Example can hold": [
+            ["--grid", "65536,65536,65536,65536"],
+            ["--grid", "1,1,1,1", "--dim", str(2**40)],
+        ],
         "threshold min_auc": [["--threshold", "min_auc=nan"]],
     }
     for expected, variants in cases.items():

@@ -58,7 +58,8 @@ def transformed_batch(examples: dict) -> pa.RecordBatch:
         pp.OUT_L2_Z: _one_per_row(np.zeros(len(l2)), pa.float32()),
         pp.OUT_BUCKET: _one_per_row(np.zeros(len(l2)), pa.int64()),
         pp.OUT_EMBEDDING: pa.LargeListArray.from_arrays(
-            pa.array(np.arange(len(fed) + 1) * GRID.dim, pa.int64()), pa.array(fed.ravel(), pa.float32())),
+            pa.array(np.arange(len(fed) + 1) * GRID.dim, pa.int64()), pa.array(fed.ravel(), pa.float32())
+        ),
         pp.OUT_FED_MAX_NORM: _one_per_row(np.ones(len(l2)), pa.float32()),
     }
     return pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
@@ -80,9 +81,12 @@ def examples():
 
 
 def test_pair_statistics_match_brute_force_per_example(examples):
-    expected = {example_id: ref.example_statistics(fed.astype(np.float32).astype(np.float64), labels, LOSS.distance,
-                                                   LOSS.margin)
-                for example_id, (_, labels, fed) in examples.items()}
+    expected = {
+        example_id: ref.example_statistics(
+            fed.astype(np.float32).astype(np.float64), labels, LOSS.distance, LOSS.margin
+        )
+        for example_id, (_, labels, fed) in examples.items()
+    }
 
     def check(tables):
         rows = [row for table in tables for row in table.to_pylist()]
@@ -97,14 +101,19 @@ def test_pair_statistics_match_brute_force_per_example(examples):
                     assert row[name] == pytest.approx(want[name], rel=REL, abs=ABS), (example_id, name)
 
     with test_pipeline.TestPipeline() as p:
-        stats = (p | beam.Create([transformed_batch(examples)])
-                 | PairStatistics(GRID, loss=LOSS, bins=BINS))
+        stats = p | beam.Create([transformed_batch(examples)]) | PairStatistics(GRID, loss=LOSS, bins=BINS)
         assert_that(stats[EXAMPLES], check, label="Examples")
         all_labels = sorted({int(v) for _, labels, _ in examples.values() for v in labels})
-        assert_that(stats[LABEL_SET] | beam.FlatMap(lambda labels: labels) | beam.Distinct(), equal_to(all_labels),
-                    label="Labels")
-        assert_that(stats[NORMS] | beam.FlatMap(lambda norms: norms) | beam.combiners.Count.Globally(),
-                    equal_to([sum(len(box) for box, _, _ in examples.values())]), label="Norms")
+        assert_that(
+            stats[LABEL_SET] | beam.FlatMap(lambda labels: labels) | beam.Distinct(),
+            equal_to(all_labels),
+            label="Labels",
+        )
+        assert_that(
+            stats[NORMS] | beam.FlatMap(lambda norms: norms) | beam.combiners.Count.Globally(),
+            equal_to([sum(len(box) for box, _, _ in examples.values())]),
+            label="Norms",
+        )
 
 
 def test_vectors_table_places_each_box_on_its_grid(examples):
@@ -114,13 +123,25 @@ def test_vectors_table_places_each_box_on_its_grid(examples):
         level, row = divmod(rest, GRID.height)
         return level, row, col, anchor
 
-    expected = [(example_id, *position(box), int(label))
-                for example_id, (boxes, labels, _) in examples.items() for box, label in zip(boxes, labels)]
-    columns = (contract.COL_EXAMPLE_ID, contract.COL_LEVEL, contract.COL_ROW, contract.COL_COL, contract.COL_ANCHOR,
-               contract.COL_LABEL)
+    expected = [
+        (example_id, *position(box), int(label))
+        for example_id, (boxes, labels, _) in examples.items()
+        for box, label in zip(boxes, labels)
+    ]
+    columns = (
+        contract.COL_EXAMPLE_ID,
+        contract.COL_LEVEL,
+        contract.COL_ROW,
+        contract.COL_COL,
+        contract.COL_ANCHOR,
+        contract.COL_LABEL,
+    )
     with test_pipeline.TestPipeline() as p:
         tables = p | beam.Create([transformed_batch(examples)]) | VectorsTable(GRID)
         rows = tables | beam.FlatMap(lambda table: [tuple(row[c] for c in columns) for row in table.to_pylist()])
         assert_that(rows, equal_to(expected))
-        assert_that(tables | beam.Map(lambda table: table.schema.equals(contract.VECTORS_SCHEMA)), equal_to([True]),
-                    label="Schema")
+        assert_that(
+            tables | beam.Map(lambda table: table.schema.equals(contract.VECTORS_SCHEMA)),
+            equal_to([True]),
+            label="Schema",
+        )

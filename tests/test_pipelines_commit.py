@@ -109,11 +109,19 @@ def test_a_run_whose_tables_disagree_with_its_summary_does_not_commit(stats_run,
 
 def test_two_runs_into_one_output_at_once_leave_one_complete_run(stats_run, tmp_path):
     output = tmp_path / "out"
-    runs = [subprocess.Popen(cli_command(stats_run, output), env=beam_services.venv_env(), text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    runs = [
+        subprocess.Popen(
+            cli_command(stats_run, output),
+            env=beam_services.venv_env(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
     results = [(process.wait(timeout=RUN_TIMEOUT_S), *process.communicate()) for process in runs]
     # Each run committed, or (the earlier-started one) was superseded before it could: never half.
-    for code, out, err in results:
+    for code, _, err in results:
         assert code == ExitCode.OK or (code == ExitCode.FAILED and "superseded" in err), err
     assert any(code == ExitCode.OK for code, _, _ in results)
     assert_same_outputs(output, stats_run.output_dir)
@@ -125,14 +133,23 @@ def test_a_run_killed_at_a_random_moment_leaves_a_readable_output_and_the_next_r
     shutil.copytree(stats_run.output_dir, output)  # the previous, committed run
     committed = [ref.manifest(output)["run_id"]]
     started = time.monotonic()
-    done = subprocess.run(cli_command(stats_run, tmp_path / "timing"), env=beam_services.venv_env(),
-                          capture_output=True, timeout=RUN_TIMEOUT_S)
+    done = subprocess.run(
+        cli_command(stats_run, tmp_path / "timing"),
+        env=beam_services.venv_env(),
+        capture_output=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lifetime = time.monotonic() - started
     rng = np.random.default_rng(KILL_SEED)
     for delay in rng.uniform(0.1 * lifetime, 0.95 * lifetime, size=KILLS):
-        process = subprocess.Popen(cli_command(stats_run, output), env=beam_services.venv_env(),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            cli_command(stats_run, output),
+            env=beam_services.venv_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         time.sleep(delay)
         os.killpg(process.pid, signal.SIGKILL)  # the launcher and any worker it started
         process.wait()
@@ -142,8 +159,12 @@ def test_a_run_killed_at_a_random_moment_leaves_a_readable_output_and_the_next_r
         assert manifest["run_id"] in committed or manifest["run_id"] > committed[-1], delay
         committed.append(manifest["run_id"])
         assert_same_outputs(output, stats_run.output_dir)
-    assert subprocess.run(cli_command(stats_run, output), env=beam_services.venv_env(),
-                          capture_output=True, timeout=RUN_TIMEOUT_S).returncode == 0
+    assert (
+        subprocess.run(
+            cli_command(stats_run, output), env=beam_services.venv_env(), capture_output=True, timeout=RUN_TIMEOUT_S
+        ).returncode
+        == 0
+    )
     assert_same_outputs(output, stats_run.output_dir)
     assert leftovers(output) == []  # the killed runs' files are gone
     assert json.loads((output / contract.MANIFEST_FILE).read_text())["run_id"] > committed[-1]

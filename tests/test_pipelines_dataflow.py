@@ -19,7 +19,7 @@ from pathlib import Path
 
 import apache_beam as beam
 import pytest
-from apache_beam.options.pipeline_options import GoogleCloudOptions, SetupOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 
 from components import sample_data
@@ -36,8 +36,16 @@ PROJECT, REGION, TEMP = "tripletflow-test", "europe-west4", "gs://tf-test-bucket
 STAGED_PACKAGE = "workflow.tar.gz"  # the name Dataflow gives the --setup_file package
 CUSTOM_IMAGE = "europe-docker.pkg.dev/tripletflow-test/images/tripletflow:1"
 # Top-level steps of EmbeddingStats (components/embedding_stats/executor.build_pipeline).
-EXPECTED_STEPS = {"ReadRecords", "ValidateRecords", "AnalyzeNorms", "WriteTransformGraph", "PairStatistics", "Summarize",
-                  "WriteOutputs", "CommitRun"}
+EXPECTED_STEPS = {
+    "ReadRecords",
+    "ValidateRecords",
+    "AnalyzeNorms",
+    "WriteTransformGraph",
+    "PairStatistics",
+    "Summarize",
+    "WriteOutputs",
+    "CommitRun",
+}
 EXPECTED_SINKS = {"WriteOutputs/WriteVectors", "WriteOutputs/WriteExamples", "WriteOutputs/WriteDeadLetter"}
 NO_AUTH_ENV = {
     "GOOGLE_APPLICATION_CREDENTIALS": None,  # no key file
@@ -59,15 +67,27 @@ def offline_gcp(monkeypatch):
 @pytest.fixture(scope="module")
 def input_glob(tmp_path_factory):
     root = tmp_path_factory.mktemp("dataflow_in")
-    sample_data.generate(str(root), sample_data.SampleOptions(examples=4, shards=1, grid=contract.GridSpec.parse(GRID, DIM)))
+    sample_data.generate(
+        str(root), sample_data.SampleOptions(examples=4, shards=1, grid=contract.GridSpec.parse(GRID, DIM))
+    )
     return str(root / "*")
 
 
 def _dry_run_job(input_glob, output, *extra):
-    options = EmbeddingStatsOptions([
-        "--runner=DataflowRunner", "--dry_run=True", f"--project={PROJECT}", f"--region={REGION}",
-        f"--temp_location={TEMP}", f"--input={input_glob}", f"--output={output}",
-        f"--grid={GRID}", f"--dim={DIM}", *extra])
+    options = EmbeddingStatsOptions(
+        [
+            "--runner=DataflowRunner",
+            "--dry_run=True",
+            f"--project={PROJECT}",
+            f"--region={REGION}",
+            f"--temp_location={TEMP}",
+            f"--input={input_glob}",
+            f"--output={output}",
+            f"--grid={GRID}",
+            f"--dim={DIM}",
+            *extra,
+        ]
+    )
     result = execute(options)
     assert result.dry_run and result.pipeline_result.state == beam.runners.runner.PipelineState.DONE
     return result.pipeline_result.job
@@ -85,8 +105,10 @@ def _dependencies(job) -> dict:
 
 
 def _images(job) -> set:
-    return {beam_runner_api_pb2.DockerPayload.FromString(env.payload).container_image
-            for env in job.proto_pipeline.components.environments.values()}
+    return {
+        beam_runner_api_pb2.DockerPayload.FromString(env.payload).container_image
+        for env in job.proto_pipeline.components.environments.values()
+    }
 
 
 def test_dry_run_builds_the_dataflow_job_with_the_project_package_staged(offline_gcp, input_glob, tmp_path):
@@ -108,9 +130,15 @@ def test_dry_run_builds_the_dataflow_job_with_the_project_package_staged(offline
     assert STAGED_PACKAGE in staged, staged
     with tarfile.open(staged[STAGED_PACKAGE]) as sdist:
         members = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-    for required in ("pyproject.toml", "components/embedding_stats/executor.py", "components/triplet_loss.py",
-                     "pipelines/embedding_stats.py", "pipelines/nightly.py", "schemas/contract.py",
-                     "schemas/input_schema.pbtxt"):
+    for required in (
+        "pyproject.toml",
+        "components/embedding_stats/executor.py",
+        "components/triplet_loss.py",
+        "pipelines/embedding_stats.py",
+        "pipelines/nightly.py",
+        "schemas/contract.py",
+        "schemas/input_schema.pbtxt",
+    ):
         assert required in members, f"{required} missing from the staged sdist"
 
 
@@ -127,10 +155,35 @@ def test_cli_dry_run_exits_cleanly_without_cloud_access(input_glob, tmp_path):
     env.update({k: v for k, v in NO_AUTH_ENV.items() if v is not None})
     output = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "run", "--runner", "DataflowRunner", "--project", PROJECT,
-         "--region", REGION, "--temp_location", TEMP, "--input", input_glob, "--output", str(output),
-         "--grid", GRID, "--dim", str(DIM), "--dry_run=True"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "run",
+            "--runner",
+            "DataflowRunner",
+            "--project",
+            PROJECT,
+            "--region",
+            REGION,
+            "--temp_location",
+            TEMP,
+            "--input",
+            input_glob,
+            "--output",
+            str(output),
+            "--grid",
+            GRID,
+            "--dim",
+            str(DIM),
+            "--dry_run=True",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert not output.exists()  # a dry run runs nothing and publishes nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary sibling left behind
@@ -170,13 +223,42 @@ def test_dry_run_with_gs_paths_builds_the_job_with_no_network_access_at_all(inpu
     env.update({k: v for k, v in NO_AUTH_ENV.items() if v is not None}, NETWORK_ATTEMPTS=str(attempts))
     # Where a new network namespace can be made, the child has no network interface at all (C++
     # clients, e.g. TensorFlow's GCS filesystem, cannot reach out either); the guard records the rest.
-    isolate = ["unshare", "--net"] if shutil.which("unshare") and subprocess.run(
-        ["unshare", "--net", "true"], capture_output=True).returncode == 0 else []
+    isolate = (
+        ["unshare", "--net"]
+        if shutil.which("unshare") and subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode == 0
+        else []
+    )
     done = subprocess.run(
-        [*isolate, sys.executable, "-c", NETWORK_GUARD, "run", "--runner", "DataflowRunner", "--project", PROJECT,
-         "--region", REGION, "--temp_location", TEMP, "--input", "gs://tf-test-bucket/in/date=2024-05-01/*",
-         "--output", "gs://tf-test-bucket/out/date=2024-05-01", "--grid", GRID, "--dim", str(DIM), "--dry_run=True"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        [
+            *isolate,
+            sys.executable,
+            "-c",
+            NETWORK_GUARD,
+            "run",
+            "--runner",
+            "DataflowRunner",
+            "--project",
+            PROJECT,
+            "--region",
+            REGION,
+            "--temp_location",
+            TEMP,
+            "--input",
+            "gs://tf-test-bucket/in/date=2024-05-01/*",
+            "--output",
+            "gs://tf-test-bucket/out/date=2024-05-01",
+            "--grid",
+            GRID,
+            "--dim",
+            str(DIM),
+            "--dry_run=True",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert not attempts.exists(), attempts.read_text()
     assert done.returncode == 0, done.stderr[-3000:]
     assert "dry run: job built" in done.stdout
@@ -184,10 +266,29 @@ def test_dry_run_with_gs_paths_builds_the_job_with_no_network_access_at_all(inpu
 
 def test_an_option_error_prints_its_whole_reason_on_one_line(input_glob, tmp_path, capsys):
     """Beam's own option validation runs up front; its reason (on later lines in Beam's message) reaches the user."""
-    code = embedding_stats.run([
-        "--runner", "DataflowRunner", "--project", PROJECT, "--region", REGION, "--temp_location", TEMP,
-        "--job_name", "Not_A_Valid_Job_Name!",
-        "--input", input_glob, "--output", str(tmp_path / "out"), "--grid", GRID, "--dim", str(DIM), "--dry_run=True"])
+    code = embedding_stats.run(
+        [
+            "--runner",
+            "DataflowRunner",
+            "--project",
+            PROJECT,
+            "--region",
+            REGION,
+            "--temp_location",
+            TEMP,
+            "--job_name",
+            "Not_A_Valid_Job_Name!",
+            "--input",
+            input_glob,
+            "--output",
+            str(tmp_path / "out"),
+            "--grid",
+            GRID,
+            "--dim",
+            str(DIM),
+            "--dry_run=True",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == ExitCode.USAGE  # a bad flag, found before any work
     assert err.count("\n") == 1 and "Invalid job_name (Not_A_Valid_Job_Name!)" in err and "[-a-z0-9]" in err, err
@@ -216,14 +317,21 @@ def test_dockerfile_matches_the_installed_stack_and_points_at_the_entry_point():
             assert (REPO / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
     py_file = re.search(r"^ENV FLEX_TEMPLATE_PYTHON_PY_FILE=(\S+)$", text, re.M).group(1)
     assert py_file.startswith(workdir + "/")
-    relative = py_file[len(workdir) + 1:]
-    assert any(relative.startswith(dest.rstrip("/").lstrip("./") + "/") for _, dest in copies if dest not in ("./",)), relative
+    relative = py_file[len(workdir) + 1 :]
+    assert any(relative.startswith(dest.rstrip("/").lstrip("./") + "/") for _, dest in copies if dest not in ("./",)), (
+        relative
+    )
     assert (REPO / relative).is_file()
 
 
 def test_flex_template_entry_point_runs_the_cli(tmp_path):
-    done = subprocess.run([sys.executable, str(DATAFLOW_DIR / "main.py"), "--help"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(DATAFLOW_DIR / "main.py"), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--input GLOB --output DIR" in done.stdout
 
@@ -233,8 +341,14 @@ def test_metadata_parameters_parse_with_the_pipeline_options():
     assert metadata["name"] and metadata["description"]
     params = {p["name"]: p for p in metadata["parameters"]}
     assert {name for name, p in params.items() if not p["isOptional"]} == {"input", "output"}
-    examples = {"input": "gs://b/in/date=2024-05-01/*", "output": "gs://b/out/date=2024-05-01",
-                "grid": "2,13,13,5", "dim": "100", "distance": "cosine", "margin": "0.35"}
+    examples = {
+        "input": "gs://b/in/date=2024-05-01/*",
+        "output": "gs://b/out/date=2024-05-01",
+        "grid": "2,13,13,5",
+        "dim": "100",
+        "distance": "cosine",
+        "margin": "0.35",
+    }
     assert params.keys() <= examples.keys(), f"add an example for {params.keys() - examples.keys()}"
     for name, p in params.items():
         assert p["label"] and p["helpText"]

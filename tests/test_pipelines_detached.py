@@ -36,10 +36,25 @@ def job_service():
 def launch_detached(stats_run, output, job_endpoint, pool) -> tuple[str, str]:
     """`tripletflow run --no-wait` against the job service; returns (job id, run id) once the launcher exited."""
     done = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "run", *stats_flags(stats_run), "--output", str(output),
-         "--runner=PortableRunner", f"--job_endpoint={job_endpoint}", "--environment_type=EXTERNAL",
-         f"--environment_config={pool}", "--no-wait"],
-        env=beam_services.venv_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "run",
+            *stats_flags(stats_run),
+            "--output",
+            str(output),
+            "--runner=PortableRunner",
+            f"--job_endpoint={job_endpoint}",
+            "--environment_type=EXTERNAL",
+            f"--environment_config={pool}",
+            "--no-wait",
+        ],
+        env=beam_services.venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     found = SUBMITTED.search(done.stdout)
     assert found, done.stdout

@@ -42,8 +42,9 @@ def _job_server_missing() -> str:
 
 
 JOB_SERVER_MISSING = _job_server_missing()
-NEEDS_JOB_SERVER = pytest.mark.skipif(bool(JOB_SERVER_MISSING),
-                                      reason=f"Beam's Flink job server unavailable: {JOB_SERVER_MISSING}")
+NEEDS_JOB_SERVER = pytest.mark.skipif(
+    bool(JOB_SERVER_MISSING), reason=f"Beam's Flink job server unavailable: {JOB_SERVER_MISSING}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +64,22 @@ def job_server_jar(cluster):
 @pytest.fixture(scope="module")
 def job_server(cluster, job_server_jar, tmp_path_factory):
     """Beam's Flink job server as a separate, long-lived process (for detached launches)."""
-    with flink_cluster.job_server(cluster.installation, cluster.master, tmp_path_factory.mktemp("job_server")) as address:
+    with flink_cluster.job_server(
+        cluster.installation, cluster.master, tmp_path_factory.mktemp("job_server")
+    ) as address:
         yield address
 
 
 def flink_flags(cluster, jar, pool) -> list[str]:
-    return ["--runner=FlinkRunner", f"--flink_master={cluster.master}", f"--flink_version={flink_cluster.FLINK_MINOR}",
-            f"--flink_job_server_jar={jar}", f"--parallelism={flink_cluster.PARALLELISM}",
-            "--environment_type=EXTERNAL", f"--environment_config={pool}"]
+    return [
+        "--runner=FlinkRunner",
+        f"--flink_master={cluster.master}",
+        f"--flink_version={flink_cluster.FLINK_MINOR}",
+        f"--flink_job_server_jar={jar}",
+        f"--parallelism={flink_cluster.PARALLELISM}",
+        "--environment_type=EXTERNAL",
+        f"--environment_config={pool}",
+    ]
 
 
 def last_job(cluster) -> dict:
@@ -100,8 +109,9 @@ def test_the_cluster_is_a_jobmanager_and_two_taskmanager_processes_with_fixed_de
 def test_flink_gives_the_local_runners_tables(stats_run, cluster, job_server_jar, tmp_path):
     output = tmp_path / "out"
     with beam_services.worker_pool() as pool:
-        code = embedding_stats.run([*stats_flags(stats_run), "--output", str(output),
-                                    *flink_flags(cluster, job_server_jar, pool)])
+        code = embedding_stats.run(
+            [*stats_flags(stats_run), "--output", str(output), *flink_flags(cluster, job_server_jar, pool)]
+        )
     assert code == 0
     assert last_job(cluster)["state"] == "FINISHED"
     assert_same_outputs(output, stats_run.output_dir)
@@ -113,8 +123,9 @@ def test_flink_gives_the_local_runners_tables(stats_run, cluster, job_server_jar
 def test_an_sdk_worker_killed_mid_bundle_is_recovered_by_a_restart(stats_run, cluster, job_server_jar, tmp_path):
     output, marker = tmp_path / "out", tmp_path / "killed"
     with beam_services.worker_pool(beam_services.kill_worker_once_env(marker)) as pool:
-        code = embedding_stats.run([*stats_flags(stats_run), "--output", str(output),
-                                    *flink_flags(cluster, job_server_jar, pool)])
+        code = embedding_stats.run(
+            [*stats_flags(stats_run), "--output", str(output), *flink_flags(cluster, job_server_jar, pool)]
+        )
     assert marker.exists(), "the fault switch did not fire: no worker was killed"
     job = last_job(cluster)
     assert code == 0 and job["state"] == "FINISHED"

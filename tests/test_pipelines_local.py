@@ -66,8 +66,15 @@ def assert_same_outputs(actual_dir, expected_dir) -> None:
 def stats_flags(stats_run) -> list[str]:
     """The flags of the shared reference run, less its runner."""
     grid = stats_run.grid
-    return ["--input", stats_run.input.pattern, "--grid", ",".join(map(str, grid.grid_shape)),
-            "--dim", str(grid.dim), "--no-report"]
+    return [
+        "--input",
+        stats_run.input.pattern,
+        "--grid",
+        ",".join(map(str, grid.grid_shape)),
+        "--dim",
+        str(grid.dim),
+        "--no-report",
+    ]
 
 
 def leftovers(output_dir) -> list[str]:
@@ -98,8 +105,12 @@ def test_multi_process_runner_gives_the_default_runners_tables(stats_run, tmp_pa
 
 def test_portable_runner_with_a_worker_pool_gives_the_default_runners_tables(stats_run, worker_pool, tmp_path):
     output = tmp_path / "portable"
-    flags = ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
-             f"--environment_config={worker_pool}"]
+    flags = [
+        "--runner=PortableRunner",
+        "--job_endpoint=embed",
+        "--environment_type=EXTERNAL",
+        f"--environment_config={worker_pool}",
+    ]
     assert embedding_stats.run([*stats_flags(stats_run), "--output", str(output), *flags]) == 0
     assert_same_outputs(output, stats_run.output_dir)
 
@@ -134,9 +145,20 @@ def test_nightly_retries_a_run_whose_worker_died_and_publishes_exact_outputs(sta
     for source in stats_run.input.files:
         shutil.copy(source, partition)
     flags = [f for f in stats_flags(stats_run) if f not in ("--input", stats_run.input.pattern)]
-    code = nightly.run(["--input-template", str(tmp_path / "in" / "date={date}" / "*"),
-                        "--output-template", str(tmp_path / "out" / "date={date}"),
-                        "--date", "2024-05-01", "--attempts", "2", *flags, *MULTI_PROCESS_FLAGS])
+    code = nightly.run(
+        [
+            "--input-template",
+            str(tmp_path / "in" / "date={date}" / "*"),
+            "--output-template",
+            str(tmp_path / "out" / "date={date}"),
+            "--date",
+            "2024-05-01",
+            "--attempts",
+            "2",
+            *flags,
+            *MULTI_PROCESS_FLAGS,
+        ]
+    )
     out = capsys.readouterr().out
     assert marker.exists(), "the fault switch did not fire: no worker was killed"
     assert code == 0

@@ -34,8 +34,16 @@ from tests import embedding_stats_reference as ref
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
 CHROMIUM_CANDIDATES = ("chromium", "/usr/bin/chromium", "chromium-browser")
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 SCREENSHOT_SIZE = "1280,2000"
 BROWSER_TIMEOUT_S = 90
 
@@ -63,8 +71,10 @@ def chromium_binary() -> str:
         path = shutil.which(candidate)
         if path:
             return path
-    pytest.skip("chromium is not installed (bash .ci/setup installs Debian's chromium as root); "
-                "the report's browser checks cannot run here")
+    pytest.skip(
+        "chromium is not installed (bash .ci/setup installs Debian's chromium as root); "
+        "the report's browser checks cannot run here"
+    )
 
 
 def browser(args, tmp_path) -> subprocess.CompletedProcess:
@@ -85,8 +95,9 @@ def screenshot(report_path, name, tmp_path) -> str:
     png = os.path.join(ARTIFACTS, f"{name}.png")
     if os.path.exists(png):
         os.unlink(png)
-    browser([f"--screenshot={png}", f"--window-size={SCREENSHOT_SIZE}", f"file://{os.path.abspath(report_path)}"],
-            tmp_path)
+    browser(
+        [f"--screenshot={png}", f"--window-size={SCREENSHOT_SIZE}", f"file://{os.path.abspath(report_path)}"], tmp_path
+    )
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n", "chromium wrote no PNG screenshot"
     return png
@@ -260,16 +271,31 @@ def read_summary(run_dir) -> dict:
 # The nights built to breach thresholds: real TFRecords through the real pipeline.
 # ---------------------------------------------------------------------------
 def night_arrays(seed: int):
-    options = sample_data.SampleOptions(examples=NIGHT_EXAMPLES, grid=NIGHT_GRID, identities=NIGHT_IDENTITIES,
-                                        empty_fraction=NIGHT_EMPTY_BOX_FRACTION, seed=seed)
+    options = sample_data.SampleOptions(
+        examples=NIGHT_EXAMPLES,
+        grid=NIGHT_GRID,
+        identities=NIGHT_IDENTITIES,
+        empty_fraction=NIGHT_EMPTY_BOX_FRACTION,
+        seed=seed,
+    )
     return list(sample_data.sample_arrays(options))
 
 
 def run_pipeline(records, work_dir, output_dir, *flags) -> int:
     input_dir = os.path.join(work_dir, "input")
     sample_data.write_records(records, input_dir, shards=1)
-    argv = ["run", "--input", os.path.join(input_dir, "*"), "--output", os.fspath(output_dir),
-            "--grid", ",".join(map(str, NIGHT_GRID.grid_shape)), "--dim", str(NIGHT_GRID.dim), *flags]
+    argv = [
+        "run",
+        "--input",
+        os.path.join(input_dir, "*"),
+        "--output",
+        os.fspath(output_dir),
+        "--grid",
+        ",".join(map(str, NIGHT_GRID.grid_shape)),
+        "--dim",
+        str(NIGHT_GRID.dim),
+        *flags,
+    ]
     return cli.main(argv)
 
 
@@ -349,8 +375,9 @@ def test_report_in_browser_shows_the_runs_figures(stats_run, tmp_path):
     shown, vectors = assert_headline_matches_tables(page, run_dir)
 
     # The AUC shown agrees with a brute-force AUC over every pair, within the binning error.
-    distance = json.load(open(os.path.join(run_dir, contract.MANIFEST_FILE))).get("options", {}).get(
-        "distance", "euclidean")
+    distance = (
+        json.load(open(os.path.join(run_dir, contract.MANIFEST_FILE))).get("options", {}).get("distance", "euclidean")
+    )
     auc = brute_force_auc(vectors, distance)
     assert auc is not None and shown["roc_auc_error_bound"] is not None
     assert abs(shown["roc_auc"] - auc) <= shown["roc_auc_error_bound"] + 1e-5
@@ -372,7 +399,7 @@ def test_report_is_self_contained(stats_run, tmp_path):
     generate_report(run_dir)
     with open(os.path.join(run_dir, contract.REPORT_FILE), encoding="utf-8") as f:
         document = f.read()
-    images = re.findall(r'<img\b[^>]*>', document)
+    images = re.findall(r"<img\b[^>]*>", document)
     assert len(images) >= 3, "the plots are missing"
     assert all(re.search(r'src="data:image/png;base64,[A-Za-z0-9+/=]+"', tag) for tag in images)
     without_data = re.sub(r"data:[a-z/+.-]+;base64,[A-Za-z0-9+/=]+", "DATA", document)
@@ -389,8 +416,10 @@ def test_report_shows_the_trainer_beside_the_run(stats_run, tmp_path):
     """A real trainer run in <run>/model/ adds its loss curve and validation figures, baseline vs trained."""
     run_dir = copy_run(stats_run, tmp_path / "run")
     model_dir = os.path.join(run_dir, "model")
-    assert cli.main(["train", "--stats", run_dir, "--output", model_dir, "--epochs", str(TRAINER_EPOCHS),
-                     "--no-export"]) == 0
+    assert (
+        cli.main(["train", "--stats", run_dir, "--output", model_dir, "--epochs", str(TRAINER_EPOCHS), "--no-export"])
+        == 0
+    )
     with open(os.path.join(model_dir, "metrics.json")) as f:
         metrics = json.load(f)
     generate_report(run_dir)  # finds model/ by itself
@@ -420,11 +449,13 @@ def test_collapsed_directions_raise_auc_collapse_and_norm_alerts(collapsed_night
     assert alert_names(alerts) == {"auc_low", "direction_collapse", "norm_collapse"}
     by_name = {alert["name"]: alert for alert in alerts}
     # every pair distance ties at 0, so P(neg > pos) + P(tie) / 2 is exactly 1/2
-    assert by_name["auc_low"]["value"] == pytest.approx(0.5, abs=read_summary(collapsed_night)["roc_auc_error_bound"]
-                                                        + 1e-6)
+    assert by_name["auc_low"]["value"] == pytest.approx(
+        0.5, abs=read_summary(collapsed_night)["roc_auc_error_bound"] + 1e-6
+    )
     assert by_name["direction_collapse"]["value"] == pytest.approx(0.0, abs=1e-3)
-    norms = np.concatenate([t.column("l2_norm").to_numpy()
-                            for t in read_parquet_dir(collapsed_night, "vectors", ["l2_norm"])])
+    norms = np.concatenate(
+        [t.column("l2_norm").to_numpy() for t in read_parquet_dir(collapsed_night, "vectors", ["l2_norm"])]
+    )
     assert by_name["norm_collapse"]["value"] == pytest.approx(float(norms.astype(np.float64).mean()), rel=1e-4)
     assert read_alerts(collapsed_night)["alerts"] == alerts
     page = parse_dom(rendered_dom(os.path.join(collapsed_night, contract.REPORT_FILE), tmp_path))
@@ -436,9 +467,22 @@ def test_run_passes_thresholds_and_history_to_its_report(bad_night, tmp_path):
     input_glob = os.path.join(os.path.dirname(bad_night[0]), "input", "*")
     rate = BAD_RECORDS / (BAD_RECORDS + NIGHT_EXAMPLES)
     output = tmp_path / "date=2099-01-01"
-    argv = ["run", "--input", input_glob, "--output", os.fspath(output), "--grid", ",".join(map(str, NIGHT_GRID.grid_shape)),
-            "--dim", str(NIGHT_GRID.dim), "--fail-on-alert", "--threshold", f"max_rejection_rate={rate + 0.01}",
-            "--history", os.fspath(tmp_path)]
+    argv = [
+        "run",
+        "--input",
+        input_glob,
+        "--output",
+        os.fspath(output),
+        "--grid",
+        ",".join(map(str, NIGHT_GRID.grid_shape)),
+        "--dim",
+        str(NIGHT_GRID.dim),
+        "--fail-on-alert",
+        "--threshold",
+        f"max_rejection_rate={rate + 0.01}",
+        "--history",
+        os.fspath(tmp_path),
+    ]
     assert cli.main(argv) == 0  # the rejection rate is now under the raised threshold
     document = read_alerts(os.fspath(output))
     assert document["alerts"] == []
@@ -540,9 +584,14 @@ def test_history_trends_and_auc_drop(stats_run, collapsed_night, history_root, t
 
 def test_report_of_a_run_without_any_good_record(tmp_path):
     """Every record rejected: the run still publishes, and its report shows n/a, never NaN."""
-    records = [b"not a tf.train.Example",
-               sample_data.to_example("short", np.ones((NIGHT_GRID.boxes - 1, NIGHT_GRID.dim), np.float32),
-                                      np.zeros(NIGHT_GRID.boxes - 1, np.int64))]
+    records = [
+        b"not a tf.train.Example",
+        sample_data.to_example(
+            "short",
+            np.ones((NIGHT_GRID.boxes - 1, NIGHT_GRID.dim), np.float32),
+            np.zeros(NIGHT_GRID.boxes - 1, np.int64),
+        ),
+    ]
     output = tmp_path / "out"
     run_pipeline(records, tmp_path, output, "--no-report")  # its exit code is EmbeddingStats' business
     alerts = generate_report(os.fspath(output))
@@ -563,17 +612,23 @@ def test_auc_drop_previous_vs_trailing_mean_by_hand():
     from components.report import alerts as alerts_lib
 
     def figures(auc, norm=2.0):
-        return {"records_read": 10, "rejection_rate": 0.0, "empty_fraction": 0.0, "roc_auc": auc,
-                "mean_norm": norm, "neg_distance_fraction": 0.5}
+        return {
+            "records_read": 10,
+            "rejection_rate": 0.0,
+            "empty_fraction": 0.0,
+            "roc_auc": auc,
+            "mean_norm": norm,
+            "neg_distance_fraction": 0.5,
+        }
 
-    history = [{"date": f"2026-11-0{day}", **figures(auc)} for day, auc in ((1, 0.95), (2, 0.93), (3, 0.91),
-                                                                             (4, 0.89))]
+    history = [{"date": f"2026-11-0{day}", **figures(auc)} for day, auc in ((1, 0.95), (2, 0.93), (3, 0.91), (4, 0.89))]
     current = figures(0.87)
     # previous drop 0.02; trailing mean of 4 = 0.92, drop 0.05: both within 0.06
     assert alerts_lib.check(current, history, Thresholds(max_auc_drop=0.06)) == []
     found = alerts_lib.check(current, history, Thresholds(max_auc_drop=0.04))
     assert [(a["name"], round(a["value"], 6), a["basis"]) for a in found] == [
-        ("auc_drop_trailing", 0.05, "trailing mean of 4 runs")]
+        ("auc_drop_trailing", 0.05, "trailing mean of 4 runs")
+    ]
     # a window of the 2 latest runs: mean 0.90, drop 0.03
     assert alerts_lib.check(current, history, Thresholds(max_auc_drop=0.04, trailing_runs=2)) == []
     # norms: 25x the trailing mean trips the ratio, 5x does not
@@ -592,10 +647,14 @@ def test_vector_sample_is_uniform_bounded_and_streams_every_file(tmp_path):
     rows_per_file, files = 1000, 3
     for index in range(files):
         start = index * rows_per_file
-        table = pa.table({"level": pa.array(np.arange(start, start + rows_per_file) % 2, pa.int32()),
-                          "anchor": pa.array(np.zeros(rows_per_file), pa.int32()),
-                          "l2_norm": pa.array(np.arange(start, start + rows_per_file), pa.float32()),
-                          "l2_norm_z": pa.array(np.zeros(rows_per_file), pa.float32())})
+        table = pa.table(
+            {
+                "level": pa.array(np.arange(start, start + rows_per_file) % 2, pa.int32()),
+                "anchor": pa.array(np.zeros(rows_per_file), pa.int32()),
+                "l2_norm": pa.array(np.arange(start, start + rows_per_file), pa.float32()),
+                "l2_norm_z": pa.array(np.zeros(rows_per_file), pa.float32()),
+            }
+        )
         pq.write_table(table, tmp_path / f"part-{index}.parquet", row_group_size=128)
     paths = [str(tmp_path / f"part-{index}.parquet") for index in range(files)]
     sample, total = run_data.sample_table(paths, contract.VECTORS_SCHEMA, run_data.VECTOR_COLUMNS, 600)

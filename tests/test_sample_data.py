@@ -1,6 +1,5 @@
 """Sample data and the data contract: files read back with TensorFlow's own readers."""
 
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -30,8 +29,26 @@ def read_examples(path):
 
 def test_generate_cli_writes_gzip_shards_that_parse(tmp_path):
     out = tmp_path / "in"
-    args = ["generate", "--output", str(out), "--examples", "7", "--shards", "3", "--grid", "1,3,4,2",
-            "--dim", "5", "--identities", "4", "--empty-fraction", "0.25", "--gzip", "--seed", "3"]
+    args = [
+        "generate",
+        "--output",
+        str(out),
+        "--examples",
+        "7",
+        "--shards",
+        "3",
+        "--grid",
+        "1,3,4,2",
+        "--dim",
+        "5",
+        "--identities",
+        "4",
+        "--empty-fraction",
+        "0.25",
+        "--gzip",
+        "--seed",
+        "3",
+    ]
     assert cli.main(args) == 0
     paths = sorted(out.iterdir())
     assert len(paths) == 3
@@ -39,7 +56,7 @@ def test_generate_cli_writes_gzip_shards_that_parse(tmp_path):
     records = [r for p in paths for r in read_examples(str(p))]
     assert len(records) == 7
     grid = contract.GridSpec.parse("1,3,4,2", 5)
-    for example_id, embeddings, labels in records:
+    for _, embeddings, labels in records:
         assert embeddings.shape == (grid.embeddings_length,)
         assert labels.shape == (grid.boxes,)
         assert set(labels.tolist()) <= set(range(-1, 4))
@@ -52,16 +69,21 @@ def test_generate_is_deterministic_for_a_seed(tmp_path):
     options = sample_data.SampleOptions(examples=3, shards=1, grid=contract.GridSpec(1, 2, 2, 3, dim=4), seed=11)
     a = read_examples(sample_data.generate(str(tmp_path / "a"), options)[0])
     b = read_examples(sample_data.generate(str(tmp_path / "b"), options)[0])
-    c = read_examples(sample_data.generate(str(tmp_path / "c"), sample_data.SampleOptions(
-        examples=3, shards=1, grid=contract.GridSpec(1, 2, 2, 3, dim=4), seed=12))[0])
+    c = read_examples(
+        sample_data.generate(
+            str(tmp_path / "c"),
+            sample_data.SampleOptions(examples=3, shards=1, grid=contract.GridSpec(1, 2, 2, 3, dim=4), seed=12),
+        )[0]
+    )
     for (ia, ea, la), (ib, eb, lb) in zip(a, b):
         assert ia == ib and np.array_equal(ea, eb) and np.array_equal(la, lb)
     assert not np.array_equal(a[0][1], c[0][1])
 
 
 def test_identity_structure_same_label_vectors_are_closer(tmp_path):
-    options = sample_data.SampleOptions(examples=4, shards=1, grid=contract.GridSpec(1, 4, 4, 4, dim=32),
-                                        identities=5, empty_fraction=0.0, seed=1)
+    options = sample_data.SampleOptions(
+        examples=4, shards=1, grid=contract.GridSpec(1, 4, 4, 4, dim=32), identities=5, empty_fraction=0.0, seed=1
+    )
     (_, embeddings, labels), *_ = read_examples(sample_data.generate(str(tmp_path), options)[0])
     x = embeddings.reshape(-1, 32)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)

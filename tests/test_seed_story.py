@@ -110,8 +110,9 @@ def test_seed_loss_without_cos_norm_is_unbounded_below():
         rows = np.concatenate([h.numpy()[b], labels[b, :, None]], axis=1)
         distinct = np.unique(rows, axis=0)
         twice = np.concatenate([distinct, distinct])
-        assert_well_conditioned(twice[:, :-1], twice[:, -1].astype(int), margin, "euclidean", True,
-                                minings=["batch_all"])
+        assert_well_conditioned(
+            twice[:, :-1], twice[:, -1].astype(int), margin, "euclidean", True, minings=["batch_all"]
+        )
     delta = max(distance_error(h.numpy()[b], labels[b], "euclidean", True) for b in range(len(labels)))
     batch_all = SLACK * (2 * delta + (3 * gamma(n) + 5 * U32) * (max_distance("euclidean") + margin))
     tol = 2 * batch_all + SLACK * 2 * 2 * U32

@@ -18,7 +18,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from sklearn.datasets import load_digits
 
 from components import sample_data
@@ -65,7 +64,18 @@ def digits_run(tmp_path_factory):
     records = (sample_data.to_example(eid, emb, lab) for eid, (emb, lab) in grids.items())
     sample_data.write_records(records, str(root / "records"), shards=2)
     out = str(root / "stats")
-    argv = ["run", "--input", str(root / "records" / "*"), "--output", out, "--grid", "1,4,4,5", "--dim", "64", "--no-report"]
+    argv = [
+        "run",
+        "--input",
+        str(root / "records" / "*"),
+        "--output",
+        out,
+        "--grid",
+        "1,4,4,5",
+        "--dim",
+        "64",
+        "--no-report",
+    ]
     assert cli.main(argv) == 0
     return out, grids
 
@@ -85,7 +95,10 @@ def test_training_beats_raw_vectors_on_held_out_digits(trained, digits_run):
     with open(spec.metrics_path) as f:
         assert json.load(f) == json.loads(json.dumps(document))
     validation_ids = [eid for eid in grids if data.is_validation(eid, VALIDATION_FRACTION)]
-    assert document["counts"] == {"train_examples": len(grids) - len(validation_ids), "validation_examples": len(validation_ids)}
+    assert document["counts"] == {
+        "train_examples": len(grids) - len(validation_ids),
+        "validation_examples": len(validation_ids),
+    }
     assert [e["epoch"] for e in document["epochs"]] == list(range(1, TRAIN_OPTIONS["epochs"] + 1))
     assert document["epochs"][-1]["loss"] < 0.8 * document["epochs"][0]["loss"]
 
@@ -116,7 +129,11 @@ def test_identity_head_loss_equals_examples_table(request, run, mining):
     got = {}
     for batch in data.make_dataset([stats], dim, None, VALIDATION_FRACTION, 1):
         loss = model.training_loss(
-            identity(batch["embeddings"]), batch["labels"], mining=mining, margin=manifest["margin"], distance=manifest["distance"]
+            identity(batch["embeddings"]),
+            batch["labels"],
+            mining=mining,
+            margin=manifest["margin"],
+            distance=manifest["distance"],
         )
         got[batch["example_id"].numpy()[0].decode()] = float(loss)
     with_boxes = {eid for eid, n in zip(table["example_id"], table["n_boxes"]) if n > 0}
@@ -134,7 +151,9 @@ def test_resumed_run_ends_like_an_uninterrupted_one(digits_run, tmp_path):
     common = dict(TRAIN_OPTIONS, epochs=3, export=False, hidden=(32,), mining="batch_hard")
 
     def train(output, **extra):
-        executor = Executor(spec_lib.TrainerSpec((stats,), str(output), spec_lib.TrainOptions(**common, **extra)), verbose=False)
+        executor = Executor(
+            spec_lib.TrainerSpec((stats,), str(output), spec_lib.TrainOptions(**common, **extra)), verbose=False
+        )
         return executor.run(), executor.head
 
     whole, whole_head = train(tmp_path / "whole")
@@ -175,10 +194,10 @@ def _check_serving(saved_model_dir, head, stats, grids, tmp_path):
         f"""
         import numpy as np, tensorflow as tf
         loaded = tf.saved_model.load({saved_model_dir!r})
-        boxes = np.load({str(tmp_path / 'boxes.npy')!r}); grid = np.load({str(tmp_path / 'grid.npy')!r})
+        boxes = np.load({str(tmp_path / "boxes.npy")!r}); grid = np.load({str(tmp_path / "grid.npy")!r})
         out_boxes = loaded.signatures["serving_default"](tf.constant(boxes))["embeddings"].numpy()
         out_grid = loaded.signatures["serve_grids"](tf.constant(grid))["embeddings"].numpy()
-        np.savez({str(tmp_path / 'out.npz')!r}, boxes=out_boxes, grid=out_grid)
+        np.savez({str(tmp_path / "out.npz")!r}, boxes=out_boxes, grid=out_grid)
         """
     )
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -205,12 +224,16 @@ def test_saved_model_applies_the_runs_centering(digits_run, tmp_path):
     stats = str(tmp_path / "centered")
     argv = ["run", "--input", records, "--output", stats, "--grid", "1,4,4,5", "--dim", "64", "--center", "--no-report"]
     assert cli.main(argv) == 0
-    spec = spec_lib.TrainerSpec((stats,), str(tmp_path / "train"), spec_lib.TrainOptions(**dict(TRAIN_OPTIONS, epochs=1)))
+    spec = spec_lib.TrainerSpec(
+        (stats,), str(tmp_path / "train"), spec_lib.TrainOptions(**dict(TRAIN_OPTIONS, epochs=1))
+    )
     executor = Executor(spec, verbose=False)
     executor.run()
     # the centered vectors differ from plain normalization: the check below would catch a skipped mean
     vectors = ref.read_table(stats, contract.VECTORS_DIR).to_pandas().iloc[0]
-    raw = grids[vectors.example_id][0][((vectors.level * GRID.height + vectors.row) * GRID.width + vectors.col) * GRID.anchors + vectors.anchor]
+    raw = grids[vectors.example_id][0][
+        ((vectors.level * GRID.height + vectors.row) * GRID.width + vectors.col) * GRID.anchors + vectors.anchor
+    ]
     assert np.max(np.abs(np.asarray(vectors.embedding) - raw / np.linalg.norm(raw))) > 0.05
     _check_serving(spec.saved_model_dir, executor.head, stats, grids, tmp_path)
 
@@ -218,7 +241,12 @@ def test_saved_model_applies_the_runs_centering(digits_run, tmp_path):
 def test_pair_scope_batch_mixed_precision_and_mlp_train(digits_run, tmp_path):
     stats, _ = digits_run
     options = spec_lib.TrainOptions(
-        **dict(TRAIN_OPTIONS, epochs=2), pair_scope="batch", mixed_precision=True, hidden=(48, 48), export=False, mining="semi_hard"
+        **dict(TRAIN_OPTIONS, epochs=2),
+        pair_scope="batch",
+        mixed_precision=True,
+        hidden=(48, 48),
+        export=False,
+        mining="semi_hard",
     )
     document = Executor(spec_lib.TrainerSpec((stats,), str(tmp_path), options), verbose=False).run()
     losses = [e["loss"] for e in document["epochs"]]
@@ -237,8 +265,10 @@ def test_mirrored_strategy_over_two_devices(digits_run, tmp_path):
         from components.trainer import spec as spec_lib
         from components.trainer.executor import Executor
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        options = spec_lib.TrainOptions(epochs=2, batch_size=7, learning_rate=5e-3, validation_fraction=0.3, export=False)
-        document = Executor(spec_lib.TrainerSpec(({stats!r},), {str(tmp_path)!r}, options), verbose=False, strategy=strategy).run()
+        options = spec_lib.TrainOptions(epochs=2, batch_size=7, learning_rate=5e-3, validation_fraction=0.3,
+                                        export=False)
+        spec = spec_lib.TrainerSpec(({stats!r},), {str(tmp_path)!r}, options)
+        document = Executor(spec, verbose=False, strategy=strategy).run()
         print(json.dumps(document))
         """
     )
@@ -270,7 +300,10 @@ def test_a_run_with_a_whole_grid_transform_graph_is_refused_before_training(digi
     old = tmp_path / "old"
     shutil.copytree(stats, old)
     # The raw schema an older tripletflow wrote: the transform graph took whole input grids.
-    shutil.copy(contract.INPUT_SCHEMA_PATH, os.path.join(ref.run_file(old, contract.TRANSFORM_GRAPH_DIR), "metadata", "schema.pbtxt"))
+    shutil.copy(
+        contract.INPUT_SCHEMA_PATH,
+        os.path.join(ref.run_file(old, contract.TRANSFORM_GRAPH_DIR), "metadata", "schema.pbtxt"),
+    )
     spec = spec_lib.TrainerSpec((str(old),), str(tmp_path / "out"), spec_lib.TrainOptions(epochs=1))
     with pytest.raises(ValueError, match="not one box"):
         Executor(spec, verbose=False).run()
@@ -279,8 +312,26 @@ def test_a_run_with_a_whole_grid_transform_graph_is_refused_before_training(digi
 
 def test_cli_trains_and_writes_metrics(digits_run, tmp_path, capsys):
     stats, _ = digits_run
-    argv = ["train", "--stats", stats, "--output", str(tmp_path), "--epochs", "1", "--hidden", "16", "--no-export",
-            "--mining", "batch_hard", "--distance", "cosine", "--margin", "0.1", "--validation-fraction", "0.3"]
+    argv = [
+        "train",
+        "--stats",
+        stats,
+        "--output",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--hidden",
+        "16",
+        "--no-export",
+        "--mining",
+        "batch_hard",
+        "--distance",
+        "cosine",
+        "--margin",
+        "0.1",
+        "--validation-fraction",
+        "0.3",
+    ]
     assert cli.main(argv) == 0
     assert "complete" in capsys.readouterr().out
     document = json.loads((tmp_path / spec_lib.METRICS_FILE).read_text())

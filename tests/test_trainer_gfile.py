@@ -25,8 +25,20 @@ from schemas import contract
 
 RAM_SCHEME = "ram://"
 EPOCHS = 2
-TRAIN_ARGS = ["--epochs", str(EPOCHS), "--batch-size", "4", "--hidden", "8", "--validation-fraction", "0.3",
-              "--mining", "batch_hard", "--seed", "3"]
+TRAIN_ARGS = [
+    "--epochs",
+    str(EPOCHS),
+    "--batch-size",
+    "4",
+    "--hidden",
+    "8",
+    "--validation-fraction",
+    "0.3",
+    "--mining",
+    "batch_hard",
+    "--seed",
+    "3",
+]
 LOSS_TOLERANCE = 1e-6  # same data, same seed, same graph: only float summation order could differ
 SERVE_BOXES = 7  # raw boxes fed to both SavedModels (not a whole grid: exercises the padding path)
 
@@ -147,7 +159,9 @@ def test_train_on_ram_uris_equals_local_run(stats_run, tmp_path, ram_root, monke
     np.testing.assert_allclose(served["ram"], served["local"], atol=LOSS_TOLERANCE)
 
     # Resuming reads the ram:// checkpoint and history: one more epoch continues the same run.
-    assert train_entry.run(["--stats", ram_stats, "--output", ram_out, *TRAIN_ARGS[2:], "--epochs", str(EPOCHS + 1)]) == 0
+    assert (
+        train_entry.run(["--stats", ram_stats, "--output", ram_out, *TRAIN_ARGS[2:], "--epochs", str(EPOCHS + 1)]) == 0
+    )
     with tf.io.gfile.GFile(f"{ram_out}/{spec_lib.METRICS_FILE}") as f:
         resumed = json.load(f)
     assert [e["epoch"] for e in resumed["epochs"]] == list(range(1, EPOCHS + 2))

@@ -54,10 +54,12 @@ def to_box_batch(grids: pa.RecordBatch, grid: contract.GridSpec) -> pa.RecordBat
         contract.BOX_SET: _one_per_row(pa.array(sets.astype(np.int64))),
         contract.BOX_LABEL: _one_per_row(pa.array(np.where(placeholder, contract.EMPTY_LABEL, row_labels))),
         contract.BOX_EMBEDDING: pa.LargeListArray.from_arrays(
-            pa.array(np.arange(len(sets) + 1, dtype=np.int64) * grid.dim), pa.array(vectors.reshape(-1))),
+            pa.array(np.arange(len(sets) + 1, dtype=np.int64) * grid.dim), pa.array(vectors.reshape(-1))
+        ),
     }
-    return pa.RecordBatch.from_arrays([columns[name] for name in contract.BOX_ARROW_SCHEMA.names],
-                                      schema=contract.BOX_ARROW_SCHEMA)
+    return pa.RecordBatch.from_arrays(
+        [columns[name] for name in contract.BOX_ARROW_SCHEMA.names], schema=contract.BOX_ARROW_SCHEMA
+    )
 
 
 def to_box_batches(grids: pa.RecordBatch, grid: contract.GridSpec):

@@ -35,9 +35,14 @@ class CacheBatches(beam.PTransform):
         self._schema = schema
 
     def expand(self, batches):
-        return batches | "WriteCache" >> beam.ParDo(WriteBundleFilesFn(
-            self._directory, CACHE_SUFFIX, functools.partial(pa.ipc.new_stream, schema=self._schema),
-            roll_bytes=CACHE_FILE_BYTES))
+        return batches | "WriteCache" >> beam.ParDo(
+            WriteBundleFilesFn(
+                self._directory,
+                CACHE_SUFFIX,
+                functools.partial(pa.ipc.new_stream, schema=self._schema),
+                roll_bytes=CACHE_FILE_BYTES,
+            )
+        )
 
 
 class ReplayCache(beam.PTransform):
@@ -50,9 +55,11 @@ class ReplayCache(beam.PTransform):
     def expand(self, paths):
         # The wait makes the paths a barrier: replay starts once the analysis pass is over, and the
         # replayed batches stream through one fused stage (transform, statistics, writes).
-        return (paths
-                | "SpreadFiles" >> beam.Reshuffle()
-                | "Replay" >> beam.FlatMap(_replay, beam.pvalue.AsIter(self._after)))
+        return (
+            paths
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "Replay" >> beam.FlatMap(_replay, beam.pvalue.AsIter(self._after))
+        )
 
 
 def delete_cache(directory: str, *_waited_for) -> None:

@@ -32,8 +32,13 @@ def column_array(batch: pa.RecordBatch, name: str) -> np.ndarray:
 
 def dead_letter(source_file, reason, detail, example_id=None, raw=None) -> dict:
     """One `dead_letter` row (contract.DEAD_LETTER_SCHEMA)."""
-    return {contract.COL_SOURCE_FILE: source_file, contract.COL_REASON: reason, contract.COL_DETAIL: detail,
-            contract.COL_EXAMPLE_ID: example_id, contract.COL_RAW: raw}
+    return {
+        contract.COL_SOURCE_FILE: source_file,
+        contract.COL_REASON: reason,
+        contract.COL_DETAIL: detail,
+        contract.COL_EXAMPLE_ID: example_id,
+        contract.COL_RAW: raw,
+    }
 
 
 def _in_global_window(value):

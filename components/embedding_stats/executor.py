@@ -100,8 +100,10 @@ def check_input_outside_output(pattern: str, files, output_dir: str) -> None:
     root = canonical(output_dir)
     inside = [path for path in files if canonical(path).startswith(root + "/")]
     if inside:
-        raise InputError(f"--input {pattern!r} matches {len(inside)} file(s) under --output {output_dir!r} "
-                         f"(e.g. {inside[0]}): a run must not read its own outputs; narrow the glob or move the output")
+        raise InputError(
+            f"--input {pattern!r} matches {len(inside)} file(s) under --output {output_dir!r} "
+            f"(e.g. {inside[0]}): a run must not read its own outputs; narrow the glob or move the output"
+        )
 
 
 def check_beam_options(options) -> None:
@@ -148,23 +150,35 @@ def build_pipeline(p: beam.Pipeline, options, run: RunInfo, tft_temp_dir: str | 
     validated = read.records | "ValidateRecords" >> ValidateRecords(grid)
     boxes = validated.good  # box record batches: the valid boxes of the good records
     transform_fn = boxes | "AnalyzeNorms" >> AnalyzeNorms(
-        grid, normalize=opts.normalize, center=opts.center, norm_buckets=opts.norm_buckets,
-        batch_size=opts.batch_size, temp_dir=temp_dir)
+        grid,
+        normalize=opts.normalize,
+        center=opts.center,
+        norm_buckets=opts.norm_buckets,
+        batch_size=opts.batch_size,
+        temp_dir=temp_dir,
+    )
     graph_written = p | "WriteTransformGraph" >> WriteTransformGraph(
-        grid, transform_fn, run.path(contract.TRANSFORM_GRAPH_DIR))
+        grid, transform_fn, run.path(contract.TRANSFORM_GRAPH_DIR)
+    )
     cached = boxes | "CacheBoxes" >> CacheBatches(cache_dir, contract.BOX_ARROW_SCHEMA)
     replayed = cached | "ReplayBoxes" >> ReplayCache(after=transform_fn[0])
     transformed = replayed | "TransformNorms" >> TransformNorms(
-        grid, transform_fn, batch_size=opts.batch_size, temp_dir=temp_dir)
+        grid, transform_fn, batch_size=opts.batch_size, temp_dir=temp_dir
+    )
     loss = loss_settings_of(options)
     stats = transformed | "PairStatistics" >> PairStatistics(grid, loss=loss, bins=opts.histogram_bins)
     dead = (read[DEAD], validated[DEAD]) | "AllDeadLetters" >> beam.Flatten()
-    summary = {**{tag: stats[tag] for tag in (PARTIAL, LABEL_SET, NORMS, FED_MAX)}, DEAD: dead} | "Summarize" >> Summarize(
-        loss=loss, bins=opts.histogram_bins)
+    summary = {
+        **{tag: stats[tag] for tag in (PARTIAL, LABEL_SET, NORMS, FED_MAX)},
+        DEAD: dead,
+    } | "Summarize" >> Summarize(loss=loss, bins=opts.histogram_bins)
     vectors = transformed | "VectorsTable" >> VectorsTable(grid)
     written = (vectors, stats[EXAMPLES], dead, summary) | "WriteOutputs" >> WriteOutputs(run.run_dir)
-    cache_deleted = (p | "CacheDir" >> beam.Create([cache_dir])
-                     | "DeleteBoxCache" >> beam.Map(delete_cache, *[beam.pvalue.AsIter(w) for w in written]))
+    cache_deleted = (
+        p
+        | "CacheDir" >> beam.Create([cache_dir])
+        | "DeleteBoxCache" >> beam.Map(delete_cache, *[beam.pvalue.AsIter(w) for w in written])
+    )
     manifest = (summary, graph_written, cache_deleted, *written) | "CommitRun" >> CommitRun(run)
     return {"stats": stats, "dead": dead, "summary": summary, "written": written, "manifest": manifest}
 
@@ -211,8 +225,10 @@ def execute(options, wait: bool = True) -> RunResult:
         discard(run)  # best effort: the next commit deletes what a killed launcher left
         current = read_manifest(output_dir) if isinstance(error, Exception) else None
         if current and current.get("run_id", "") > run.run_id:  # a later run committed and deleted this one's files
-            raise CommitError(f"run {run.run_id} was superseded by run {current['run_id']}, which started later "
-                              "and has committed: nothing published") from error
+            raise CommitError(
+                f"run {run.run_id} was superseded by run {current['run_id']}, which started later "
+                "and has committed: nothing published"
+            ) from error
         raise
     manifest = read_manifest(output_dir)
     if not manifest or manifest.get("run_id") != run.run_id:
@@ -223,7 +239,8 @@ def execute(options, wait: bool = True) -> RunResult:
     if summary["records_good"] == 0 and wrong:  # no record fits the grid: surely a wrong --grid/--dim
         warnings.append(
             f"no good record and {wrong} of {summary['records_read']} have the wrong length for --grid {opts.grid} "
-            f"--dim {opts.dim}; check the grid shape (lengths found are in {contract.DEAD_LETTER_DIR}/)")
+            f"--dim {opts.dim}; check the grid shape (lengths found are in {contract.DEAD_LETTER_DIR}/)"
+        )
     return RunResult(output_dir, summary, manifest, warnings, False, job_id, run.run_id, result)
 
 

@@ -58,9 +58,9 @@ class WriteTransformGraph(beam.PTransform):
         from tensorflow_transform.tf_metadata import dataset_metadata
 
         graph = self._transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(self._directory)
-        raw_metadata = (dataset_metadata.DatasetMetadata(contract.box_schema(self._grid))
-                        | "WriteRawMetadata" >> tft_beam.WriteMetadata(
-                            FileSystems.join(self._directory, "metadata"), pbegin.pipeline))
+        raw_metadata = dataset_metadata.DatasetMetadata(
+            contract.box_schema(self._grid)
+        ) | "WriteRawMetadata" >> tft_beam.WriteMetadata(FileSystems.join(self._directory, "metadata"), pbegin.pipeline)
         return (graph, raw_metadata) | "Written" >> beam.Flatten()
 
 
@@ -82,8 +82,10 @@ class TransformNorms(beam.PTransform):
         import tensorflow_transform.beam as tft_beam
 
         config = box_tensor_adapter_config(self._grid)
-        with tft_beam.Context(temp_dir=self._temp_dir, desired_batch_size=self._batch_size,
-                              passthrough_keys=set(contract.BOX_PASSTHROUGH)):
-            transformed, _ = (((batches, config), self._transform_fn)
-                              | "Transform" >> tft_beam.TransformDataset(output_record_batches=True))
+        with tft_beam.Context(
+            temp_dir=self._temp_dir, desired_batch_size=self._batch_size, passthrough_keys=set(contract.BOX_PASSTHROUGH)
+        ):
+            transformed, _ = ((batches, config), self._transform_fn) | "Transform" >> tft_beam.TransformDataset(
+                output_record_batches=True
+            )
         return transformed | "DropUnaryPassthrough" >> beam.Map(lambda item: item[0])

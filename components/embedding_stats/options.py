@@ -39,8 +39,7 @@ MAX_EMBEDDINGS_LENGTH = MAX_RECORD_BYTES // 4  # 4 bytes per packed float
 LOCAL_RUNNER = "FnApiRunner"
 PRISM_FIRST_RUNNERS = ("DirectRunner", "SwitchingDirectRunner")
 # The project's pyproject.toml: Dataflow workers get tripletflow from the sdist built from it.
-PYPROJECT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                         "pyproject.toml")
+PYPROJECT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "pyproject.toml")
 
 
 class EmbeddingStatsOptions(PipelineOptions):
@@ -53,24 +52,55 @@ class EmbeddingStatsOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--input", metavar="GLOB", help="glob of input TFRecord files (plain or GZIP, any name)")
-        parser.add_argument("--output", metavar="DIR", help="output directory (local or gs://): each run commits into it, replacing the previous run")
-        parser.add_argument("--grid", default=",".join(map(str, contract.DEFAULT_GRID)),
-                            help="grid shape L,H,W,A (levels, height, width, anchors)")
+        parser.add_argument(
+            "--output",
+            metavar="DIR",
+            help="output directory (local or gs://): each run commits into it, replacing the previous run",
+        )
+        parser.add_argument(
+            "--grid",
+            default=",".join(map(str, contract.DEFAULT_GRID)),
+            help="grid shape L,H,W,A (levels, height, width, anchors)",
+        )
         parser.add_argument("--dim", default=contract.DEFAULT_DIM, type=int, help="floats per box embedding")
-        parser.add_argument("--margin", default=loss_settings.DEFAULT_MARGIN, type=float,
-                            help=f"triplet margin, in [0, {loss_settings.MAX_MARGIN:.4g}]")
-        parser.add_argument("--distance", default=loss_settings.DEFAULT_DISTANCE,
-                            help=f"pair distance, one of {', '.join(loss_settings.DISTANCES)}")
-        parser.add_argument("--no-normalize", dest="normalize", action="store_false", default=True,
-                            help="use raw vectors instead of L2-normalized ones")
-        parser.add_argument("--center", action="store_true", default=False,
-                            help="subtract the dataset mean vector before normalizing")
-        parser.add_argument("--batch-size", dest="batch_size", default=DEFAULT_BATCH_SIZE, type=int,
-                            help="examples per loss-graph call")
-        parser.add_argument("--norm-buckets", dest="norm_buckets", default=DEFAULT_NORM_BUCKETS, type=int,
-                            help="quantile buckets of the L2 norm")
-        parser.add_argument("--histogram-bins", dest="histogram_bins", default=DEFAULT_HISTOGRAM_BINS,
-                            type=int, help="fixed bins of the pair-distance histograms")
+        parser.add_argument(
+            "--margin",
+            default=loss_settings.DEFAULT_MARGIN,
+            type=float,
+            help=f"triplet margin, in [0, {loss_settings.MAX_MARGIN:.4g}]",
+        )
+        parser.add_argument(
+            "--distance",
+            default=loss_settings.DEFAULT_DISTANCE,
+            help=f"pair distance, one of {', '.join(loss_settings.DISTANCES)}",
+        )
+        parser.add_argument(
+            "--no-normalize",
+            dest="normalize",
+            action="store_false",
+            default=True,
+            help="use raw vectors instead of L2-normalized ones",
+        )
+        parser.add_argument(
+            "--center", action="store_true", default=False, help="subtract the dataset mean vector before normalizing"
+        )
+        parser.add_argument(
+            "--batch-size", dest="batch_size", default=DEFAULT_BATCH_SIZE, type=int, help="examples per loss-graph call"
+        )
+        parser.add_argument(
+            "--norm-buckets",
+            dest="norm_buckets",
+            default=DEFAULT_NORM_BUCKETS,
+            type=int,
+            help="quantile buckets of the L2 norm",
+        )
+        parser.add_argument(
+            "--histogram-bins",
+            dest="histogram_bins",
+            default=DEFAULT_HISTOGRAM_BINS,
+            type=int,
+            help="fixed bins of the pair-distance histograms",
+        )
 
 
 def grid_spec(options: EmbeddingStatsOptions) -> contract.GridSpec:
@@ -87,11 +117,16 @@ def validate_options(options: PipelineOptions) -> contract.GridSpec:
         raise ValueError("--output is required (a directory)")
     grid = grid_spec(opts)
     if grid.embeddings_length > MAX_EMBEDDINGS_LENGTH:
-        raise ValueError(f"--grid {opts.grid} --dim {opts.dim}: {grid.embeddings_length} floats per record, more than "
-                         f"the {MAX_EMBEDDINGS_LENGTH} a tf.train.Example can hold")
+        raise ValueError(
+            f"--grid {opts.grid} --dim {opts.dim}: {grid.embeddings_length} floats per record, more than "
+            f"the {MAX_EMBEDDINGS_LENGTH} a tf.train.Example can hold"
+        )
     loss_settings_of(opts)
-    for name, limit in (("batch_size", MAX_BATCH_SIZE), ("norm_buckets", MAX_NORM_BUCKETS),
-                        ("histogram_bins", MAX_HISTOGRAM_BINS)):
+    for name, limit in (
+        ("batch_size", MAX_BATCH_SIZE),
+        ("norm_buckets", MAX_NORM_BUCKETS),
+        ("histogram_bins", MAX_HISTOGRAM_BINS),
+    ):
         if not 1 <= getattr(opts, name) <= limit:
             raise ValueError(f"--{name.replace('_', '-')} must be in [1, {limit}], got {getattr(opts, name)}")
     return grid
@@ -121,6 +156,9 @@ def stage_project_code(options: PipelineOptions) -> None:
     setup = options.view_as(SetupOptions)
     worker = options.view_as(WorkerOptions)
     runner = options.view_as(StandardOptions).runner or ""
-    if (runner.endswith("DataflowRunner") and not (setup.setup_file or setup.extra_packages
-                                                   or worker.sdk_container_image) and os.path.exists(PYPROJECT)):
+    if (
+        runner.endswith("DataflowRunner")
+        and not (setup.setup_file or setup.extra_packages or worker.sdk_container_image)
+        and os.path.exists(PYPROJECT)
+    ):
         setup.setup_file = PYPROJECT

@@ -41,6 +41,7 @@ SET_SIZE_STEP = 16  # padded set sizes: powers of two up to this, then multiples
 MAX_PAIR_CELLS_PER_CALL = 1 << 23  # bound on examples * boxes^2 per loss-graph call (memory)
 PROGRESS_EVERY_EXAMPLES = 500  # a progress line on stderr every this many examples (per worker)
 
+
 def padded_set_size(valid_boxes: int) -> int:
     """Boxes of the padded set an example is computed in: depends on that example alone.
 
@@ -122,13 +123,18 @@ class _PairStatisticsFn(beam.DoFn):
 
         loss, bins = self._loss, self._bins
 
-        @tf.function(input_signature=[
-            tf.TensorSpec([None, None, self._grid.dim], tf.float32),
-            tf.TensorSpec([None, None], tf.int64),
-            tf.TensorSpec([], tf.float32)], autograph=False)  # plain TF ops: no AutoGraph conversion (start-up)
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, None, self._grid.dim], tf.float32),
+                tf.TensorSpec([None, None], tf.int64),
+                tf.TensorSpec([], tf.float32),
+            ],
+            autograph=False,
+        )  # plain TF ops: no AutoGraph conversion (start-up)
         def statistics(embeddings, labels, upper_edge):
             return triplet_loss.triplet_statistics_and_histograms(
-                embeddings, labels, bins=bins, upper_edge=upper_edge, **loss.graph_kwargs())
+                embeddings, labels, bins=bins, upper_edge=upper_edge, **loss.graph_kwargs()
+            )
 
         self._statistics = statistics
         self._tf = tf
@@ -166,8 +172,11 @@ class _PairStatisticsFn(beam.DoFn):
         before, self._done = self._done, self._done + n
         if before // PROGRESS_EVERY_EXAMPLES != self._done // PROGRESS_EVERY_EXAMPLES:
             rate = self._done / max(time.monotonic() - self._started, 1e-9)
-            print(f"EmbeddingStats: {self._done} examples done on this worker ({rate:.1f} examples/s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"EmbeddingStats: {self._done} examples done on this worker ({rate:.1f} examples/s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _loss_graph(self, sets: BoxSets, fed, labels, upper_edge):
         """Statistics [examples] per name and pos/neg histograms [bins] of one batch, in calls of bounded size.
@@ -184,7 +193,7 @@ class _PairStatisticsFn(beam.DoFn):
             members = np.flatnonzero(sizes == m)
             chunk = max(1, MAX_PAIR_CELLS_PER_CALL // int(m * m))
             for first in range(0, len(members), chunk):
-                part_members = members[first:first + chunk]
+                part_members = members[first : first + chunk]
                 padded, padded_labels = sets.padded(fed, labels, part_members, int(m))
                 part, pos, neg = self._statistics(padded, padded_labels, np.float32(upper_edge))
                 if stats is None:
@@ -222,11 +231,18 @@ def partial_summary(stats, l2, pos_hist, neg_hist) -> dict:
         "triplets": int(stats["n_triplets"].sum()),
         "active_triplets": int(stats["n_active_triplets"].sum()),
         "examples_with_triplets": int(has_triplet.sum()),
-        "loss_sums": {name: float(stats[name][has_triplet].astype(np.float64).sum())
-                      for name in ("batch_all_loss", "batch_hard_loss", "semi_hard_loss")},
+        "loss_sums": {
+            name: float(stats[name][has_triplet].astype(np.float64).sum())
+            for name in ("batch_all_loss", "batch_hard_loss", "semi_hard_loss")
+        },
         # L2 norms of valid boxes: count, mean, sum of squared deviations (Chan et al. merge), extremes.
-        "norm": {"count": count, "mean": mean, "m2": float(((l2 - mean) ** 2).sum()),
-                 "min": float(l2.min()) if count else None, "max": float(l2.max()) if count else None},
+        "norm": {
+            "count": count,
+            "mean": mean,
+            "m2": float(((l2 - mean) ** 2).sum()),
+            "min": float(l2.min()) if count else None,
+            "max": float(l2.max()) if count else None,
+        },
         "positive": pos_hist.astype(np.int64),
         "negative": neg_hist.astype(np.int64),
     }
@@ -240,5 +256,4 @@ class PairStatistics(beam.PTransform):
         self._fn = _PairStatisticsFn(grid, loss=loss, bins=bins)
 
     def expand(self, batches):
-        return batches | "LossGraph" >> beam.ParDo(self._fn).with_outputs(
-            EXAMPLES, PARTIAL, LABEL_SET, NORMS, FED_MAX)
+        return batches | "LossGraph" >> beam.ParDo(self._fn).with_outputs(EXAMPLES, PARTIAL, LABEL_SET, NORMS, FED_MAX)

@@ -42,10 +42,15 @@ class SummaryCombineFn(beam.CombineFn):
 
     def create_accumulator(self):
         return partial_summary(
-            {name: np.zeros(0, np.int64) for name in ("n_boxes", "n_pos_pairs", "n_neg_pairs", "n_triplets",
-                                                       "n_active_triplets")}
+            {
+                name: np.zeros(0, np.int64)
+                for name in ("n_boxes", "n_pos_pairs", "n_neg_pairs", "n_triplets", "n_active_triplets")
+            }
             | {name: np.zeros(0, np.float32) for name in ("batch_all_loss", "batch_hard_loss", "semi_hard_loss")},
-            np.zeros(0), np.zeros(self._bins, np.int64), np.zeros(self._bins, np.int64))
+            np.zeros(0),
+            np.zeros(self._bins, np.int64),
+            np.zeros(self._bins, np.int64),
+        )
 
     def add_input(self, accumulator, partial):
         return self.merge_accumulators([accumulator, partial])
@@ -55,9 +60,21 @@ class SummaryCombineFn(beam.CombineFn):
         merged = accumulators[0]
         for other in accumulators[1:]:
             merged = {
-                **{key: merged[key] + other[key] for key in (
-                    "examples", "empty_examples", "valid_boxes", "pos_pairs", "neg_pairs", "triplets",
-                    "active_triplets", "examples_with_triplets", "positive", "negative")},
+                **{
+                    key: merged[key] + other[key]
+                    for key in (
+                        "examples",
+                        "empty_examples",
+                        "valid_boxes",
+                        "pos_pairs",
+                        "neg_pairs",
+                        "triplets",
+                        "active_triplets",
+                        "examples_with_triplets",
+                        "positive",
+                        "negative",
+                    )
+                },
                 "loss_sums": {k: merged["loss_sums"][k] + other["loss_sums"][k] for k in merged["loss_sums"]},
                 "norm": _merge_norm(merged["norm"], other["norm"]),
             }
@@ -75,8 +92,14 @@ def _norm_summary(norm, quantiles):
     points = {}
     if len(quantiles) == QUANTILE_POINTS:
         points = {f"p{q:02d}": float(quantiles[q]) for q in range(1, QUANTILE_POINTS - 1)}
-    return {"count": count, "mean": norm["mean"], "std": float(np.sqrt(max(norm["m2"] / count, 0.0))),
-            "min": norm["min"], "max": norm["max"], "quantiles": points}
+    return {
+        "count": count,
+        "mean": norm["mean"],
+        "std": float(np.sqrt(max(norm["m2"] / count, 0.0))),
+        "min": norm["min"],
+        "max": norm["max"],
+        "quantiles": points,
+    }
 
 
 def assemble_summary(_, partial, rejected_by_reason, identities, quantiles, edges) -> dict:
@@ -127,16 +150,26 @@ class Summarize(beam.PTransform):
         stats, dead = inputs, inputs[DEAD]
         p = dead.pipeline
         partial = stats[PARTIAL] | "MergePartials" >> beam.CombineGlobally(SummaryCombineFn(self._bins))
-        by_reason = (dead | "Reason" >> beam.Map(lambda row: row[contract.COL_REASON])
-                     | "CountReasons" >> beam.combiners.Count.PerElement()
-                     | "ReasonDict" >> beam.combiners.ToDict())
-        identities = (stats[LABEL_SET] | "Labels" >> beam.FlatMap(lambda labels: labels)
-                      | "DistinctLabels" >> beam.Distinct() | "CountLabels" >> beam.combiners.Count.Globally())
+        by_reason = (
+            dead
+            | "Reason" >> beam.Map(lambda row: row[contract.COL_REASON])
+            | "CountReasons" >> beam.combiners.Count.PerElement()
+            | "ReasonDict" >> beam.combiners.ToDict()
+        )
+        identities = (
+            stats[LABEL_SET]
+            | "Labels" >> beam.FlatMap(lambda labels: labels)
+            | "DistinctLabels" >> beam.Distinct()
+            | "CountLabels" >> beam.combiners.Count.Globally()
+        )
         quantiles = stats[NORMS] | "NormQuantiles" >> beam.ApproximateQuantiles.Globally(
-            QUANTILE_POINTS, input_batched=True)
+            QUANTILE_POINTS, input_batched=True
+        )
         return (
-            p | "One" >> beam.Create([None])
-            | "Assemble" >> beam.Map(
+            p
+            | "One" >> beam.Create([None])
+            | "Assemble"
+            >> beam.Map(
                 assemble_summary,
                 partial=beam.pvalue.AsSingleton(partial),
                 rejected_by_reason=beam.pvalue.AsSingleton(by_reason),
@@ -152,5 +185,8 @@ class Summarize(beam.PTransform):
         def edges(fed_max_norm):
             return {"distance": loss.distance, "edges": histogram_edges(loss, fed_max_norm, bins).tolist()}
 
-        return (stats[FED_MAX] | "FedMaxNorm" >> beam.CombineGlobally(lambda values: max(values, default=0.0))
-                | "Edges" >> beam.Map(edges))
+        return (
+            stats[FED_MAX]
+            | "FedMaxNorm" >> beam.CombineGlobally(lambda values: max(values, default=0.0))
+            | "Edges" >> beam.Map(edges)
+        )

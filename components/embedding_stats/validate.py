@@ -83,8 +83,11 @@ class _ValidateFn(beam.DoFn):
             return None  # of a garbled record: any failure goes to the tfx-bsl path, which classifies it
         n = len(raws)
         columns = {}
-        for name, width in ((contract.EXAMPLE_ID, 1), (contract.EMBEDDINGS, self._grid.embeddings_length),
-                            (contract.LABELS, self._grid.boxes)):
+        for name, width in (
+            (contract.EXAMPLE_ID, 1),
+            (contract.EMBEDDINGS, self._grid.embeddings_length),
+            (contract.LABELS, self._grid.boxes),
+        ):
             values = parsed[name].numpy().reshape(-1)
             field = self._schema.field(name)
             offsets = pa.array(np.arange(n + 1, dtype=np.int64) * width, pa.int64())
@@ -96,7 +99,8 @@ class _ValidateFn(beam.DoFn):
         from tfx_bsl.coders import example_coder
 
         self._decoder = example_coder.ExamplesToRecordBatchDecoder(
-            contract.input_schema(self._grid).SerializeToString())
+            contract.input_schema(self._grid).SerializeToString()
+        )
 
     def _decode(self, raws):
         """Decodes a batch; isolates undecodable records. Returns (record batch, kept indices, failures).
@@ -142,32 +146,44 @@ class _ValidateFn(beam.DoFn):
         n_lab = int(lab_offsets[row + 1] - lab_offsets[row])
         shape = f"grid {','.join(map(str, grid.grid_shape))} dim {grid.dim}"
         if n_emb != grid.embeddings_length or n_lab != grid.boxes or n_ids != 1:
-            return (contract.Reason.WRONG_LENGTH,
-                    f"lengths embeddings={n_emb} labels={n_lab} example_id={n_ids}, expected "
-                    f"{grid.embeddings_length}, {grid.boxes}, 1 for {shape}", example_id)
+            return (
+                contract.Reason.WRONG_LENGTH,
+                f"lengths embeddings={n_emb} labels={n_lab} example_id={n_ids}, expected "
+                f"{grid.embeddings_length}, {grid.boxes}, 1 for {shape}",
+                example_id,
+            )
         if example_id is None:
             return contract.Reason.BAD_EXAMPLE_ID, "example_id is empty or not UTF-8", None
-        labels = lab_values[lab_offsets[row]:lab_offsets[row + 1]]
+        labels = lab_values[lab_offsets[row] : lab_offsets[row + 1]]
         if labels.min(initial=0) < contract.EMPTY_LABEL:
             box = int(np.argmax(labels < contract.EMPTY_LABEL))
-            return (contract.Reason.BAD_LABEL,
-                    f"label {int(labels[box])} below {contract.EMPTY_LABEL} at box {box} "
-                    f"(level,row,col,anchor)={grid.box_position(box)}", example_id)
-        embeddings = emb_values[emb_offsets[row]:emb_offsets[row + 1]].reshape(grid.boxes, grid.dim)
+            return (
+                contract.Reason.BAD_LABEL,
+                f"label {int(labels[box])} below {contract.EMPTY_LABEL} at box {box} "
+                f"(level,row,col,anchor)={grid.box_position(box)}",
+                example_id,
+            )
+        embeddings = emb_values[emb_offsets[row] : emb_offsets[row + 1]].reshape(grid.boxes, grid.dim)
         bad_boxes = ~np.isfinite(embeddings).all(axis=1) & (labels >= 0)
         if bad_boxes.any():
             box = int(np.argmax(bad_boxes))
-            return (contract.Reason.NON_FINITE,
-                    f"{int(bad_boxes.sum())} valid box(es) hold NaN/Inf, first at box {box} "
-                    f"(level,row,col,anchor)={grid.box_position(box)}", example_id)
+            return (
+                contract.Reason.NON_FINITE,
+                f"{int(bad_boxes.sum())} valid box(es) hold NaN/Inf, first at box {box} "
+                f"(level,row,col,anchor)={grid.box_position(box)}",
+                example_id,
+            )
         overflow = norm_overflow_boxes(embeddings, labels >= 0)
         if overflow.any():
             box = int(np.argmax(overflow))
             l1 = float(np.abs(embeddings[box].astype(np.float64)).sum())
-            return (contract.Reason.NORM_OVERFLOW,
-                    f"{int(overflow.sum())} valid box(es) have an L1 norm above {MAX_L1_NORM:.4g} (half float32's "
-                    f"max: their norms or distances could overflow), first at box {box} "
-                    f"(level,row,col,anchor)={grid.box_position(box)} with L1 {l1:.4g}", example_id)
+            return (
+                contract.Reason.NORM_OVERFLOW,
+                f"{int(overflow.sum())} valid box(es) have an L1 norm above {MAX_L1_NORM:.4g} (half float32's "
+                f"max: their norms or distances could overflow), first at box {box} "
+                f"(level,row,col,anchor)={grid.box_position(box)} with L1 {l1:.4g}",
+                example_id,
+            )
         return None, None, example_id
 
     def process(self, batch):
@@ -179,7 +195,9 @@ class _ValidateFn(beam.DoFn):
         if decoded is not None:
             import pyarrow.compute as pc
 
-            columns = {name: decoded.column(name) for name in (contract.EXAMPLE_ID, contract.EMBEDDINGS, contract.LABELS)}
+            columns = {
+                name: decoded.column(name) for name in (contract.EXAMPLE_ID, contract.EMBEDDINGS, contract.LABELS)
+            }
             nulls = {name: np.asarray(pc.is_null(col)) for name, col in columns.items()}
             emb, lab = columns[contract.EMBEDDINGS], columns[contract.LABELS]
             emb_offsets, lab_offsets = np.asarray(emb.offsets), np.asarray(lab.offsets)
@@ -187,7 +205,8 @@ class _ValidateFn(beam.DoFn):
             lab_values = lab.values.to_numpy(zero_copy_only=False)
             for row, i in enumerate(kept):
                 reason, detail, example_id = self._check(
-                    columns[contract.EXAMPLE_ID], emb_offsets, emb_values, lab_offsets, lab_values, nulls, row)
+                    columns[contract.EXAMPLE_ID], emb_offsets, emb_values, lab_offsets, lab_values, nulls, row
+                )
                 if reason is not None:
                     rejected[i] = (reason, detail, example_id)
         for i, (source_file, raw) in enumerate(batch):

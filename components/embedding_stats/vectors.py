@@ -22,14 +22,20 @@ def vectors_table(batch: pa.RecordBatch, grid: contract.GridSpec) -> pa.Table:
     embedding = rows.column(pp.OUT_EMBEDDING)
     arrays = [
         rows.column(contract.BOX_EXAMPLE_ID).flatten().cast(pa.string()),
-        pa.array(level.astype(np.int32)), pa.array(row.astype(np.int32)),
-        pa.array(col.astype(np.int32)), pa.array(anchor.astype(np.int32)),
+        pa.array(level.astype(np.int32)),
+        pa.array(row.astype(np.int32)),
+        pa.array(col.astype(np.int32)),
+        pa.array(anchor.astype(np.int32)),
         per_box(pp.OUT_LABEL, np.int64),
-        per_box(pp.OUT_L2, np.float32), per_box(pp.OUT_L1, np.float32), per_box(pp.OUT_MAX_ABS, np.float32),
-        per_box(pp.OUT_L2_Z, np.float32), per_box(pp.OUT_BUCKET, np.int64),
+        per_box(pp.OUT_L2, np.float32),
+        per_box(pp.OUT_L1, np.float32),
+        per_box(pp.OUT_MAX_ABS, np.float32),
+        per_box(pp.OUT_L2_Z, np.float32),
+        per_box(pp.OUT_BUCKET, np.int64),
         pa.ListArray.from_arrays(
             pa.array(np.arange(len(rows) + 1, dtype=np.int32) * grid.dim, pa.int32()),
-            embedding.flatten().cast(pa.float32())),
+            embedding.flatten().cast(pa.float32()),
+        ),
     ]
     return pa.Table.from_arrays(arrays, schema=contract.VECTORS_SCHEMA)
 
@@ -42,5 +48,8 @@ class VectorsTable(beam.PTransform):
         self._grid = grid
 
     def expand(self, batches):
-        return (batches | "NonEmpty" >> beam.Filter(lambda batch: batch.num_rows > 0)
-                | "ToTable" >> beam.Map(vectors_table, self._grid))
+        return (
+            batches
+            | "NonEmpty" >> beam.Filter(lambda batch: batch.num_rows > 0)
+            | "ToTable" >> beam.Map(vectors_table, self._grid)
+        )

@@ -28,8 +28,7 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     only to fall back to plain encoding (bench/README_stats.md: ~6x the writing time of the
     vectors table and 1.5x its size). Same values either way, only the file encoding differs.
     """
-    return [field.name for field in schema
-            if not (pa.types.is_list(field.type) or pa.types.is_large_list(field.type))]
+    return [field.name for field in schema if not (pa.types.is_list(field.type) or pa.types.is_large_list(field.type))]
 
 
 def _rows_to_table(rows) -> pa.Table:
@@ -64,11 +63,17 @@ class WriteTable(beam.PTransform):
         from apache_beam.io.parquetio import WriteToParquetBatched
 
         if self._rebatch:  # small tables -> row groups of a useful size
-            tables = (tables | "Rebatch" >> beam.BatchElements(min_batch_size=1, max_batch_size=TABLE_BATCH_ROWS // 16)
-                      | "Concat" >> beam.Map(_concat))
+            tables = (
+                tables
+                | "Rebatch" >> beam.BatchElements(min_batch_size=1, max_batch_size=TABLE_BATCH_ROWS // 16)
+                | "Concat" >> beam.Map(_concat)
+            )
         return tables | "Parquet" >> WriteToParquetBatched(
-            FileSystems.join(self._directory, "part"), schema=self._schema, codec=PARQUET_CODEC,
-            file_name_suffix=PARQUET_SUFFIX)
+            FileSystems.join(self._directory, "part"),
+            schema=self._schema,
+            codec=PARQUET_CODEC,
+            file_name_suffix=PARQUET_SUFFIX,
+        )
 
 
 def _parquet_writer(stream, schema: pa.Schema):
@@ -86,8 +91,10 @@ def _commit_staged(paths, directory: str, staging_dir: str, schema: pa.Schema) -
         with FileSystems.create(FileSystems.join(directory, f"part-00000-of-00001{PARQUET_SUFFIX}")) as f:
             pq.write_table(schema.empty_table(), f, compression=PARQUET_CODEC)
         return 0
-    FileSystems.rename(paths, [FileSystems.join(directory, f"part-{i:05d}-of-{len(paths):05d}{PARQUET_SUFFIX}")
-                               for i in range(len(paths))])
+    FileSystems.rename(
+        paths,
+        [FileSystems.join(directory, f"part-{i:05d}-of-{len(paths):05d}{PARQUET_SUFFIX}") for i in range(len(paths))],
+    )
     FileSystems.delete([staging_dir])
     return len(paths)
 
@@ -109,11 +116,15 @@ class WriteTableFused(beam.PTransform):
 
     def expand(self, tables):
         staging = FileSystems.join(self._directory, ".staging")
-        return (tables
-                | "WriteBundles" >> beam.ParDo(WriteBundleFilesFn(
-                    staging, PARQUET_SUFFIX, functools.partial(_parquet_writer, schema=self._schema)))
-                | "Staged" >> beam.combiners.ToList()
-                | "Commit" >> beam.Map(_commit_staged, self._directory, staging, self._schema))
+        return (
+            tables
+            | "WriteBundles"
+            >> beam.ParDo(
+                WriteBundleFilesFn(staging, PARQUET_SUFFIX, functools.partial(_parquet_writer, schema=self._schema))
+            )
+            | "Staged" >> beam.combiners.ToList()
+            | "Commit" >> beam.Map(_commit_staged, self._directory, staging, self._schema)
+        )
 
 
 class WriteOutputs(beam.PTransform):
@@ -129,13 +140,19 @@ class WriteOutputs(beam.PTransform):
     def expand(self, inputs):
         vectors, examples, dead, summary = inputs
         out = self._output_dir
-        dead_tables = (dead | "BatchDead" >> beam.BatchElements(min_batch_size=1, max_batch_size=TABLE_BATCH_ROWS)
-                       | "DeadTable" >> beam.Map(_rows_to_table))
+        dead_tables = (
+            dead
+            | "BatchDead" >> beam.BatchElements(min_batch_size=1, max_batch_size=TABLE_BATCH_ROWS)
+            | "DeadTable" >> beam.Map(_rows_to_table)
+        )
         return (
-            vectors | "WriteVectors" >> WriteTableFused(FileSystems.join(out, contract.VECTORS_DIR), contract.VECTORS_SCHEMA),
-            examples | "WriteExamples" >> WriteTable(
-                FileSystems.join(out, contract.EXAMPLES_DIR), contract.EXAMPLES_SCHEMA, True),
-            dead_tables | "WriteDeadLetter" >> WriteTable(
-                FileSystems.join(out, contract.DEAD_LETTER_DIR), contract.DEAD_LETTER_SCHEMA, False),
+            vectors
+            | "WriteVectors" >> WriteTableFused(FileSystems.join(out, contract.VECTORS_DIR), contract.VECTORS_SCHEMA),
+            examples
+            | "WriteExamples"
+            >> WriteTable(FileSystems.join(out, contract.EXAMPLES_DIR), contract.EXAMPLES_SCHEMA, True),
+            dead_tables
+            | "WriteDeadLetter"
+            >> WriteTable(FileSystems.join(out, contract.DEAD_LETTER_DIR), contract.DEAD_LETTER_SCHEMA, False),
             summary | "WriteSummary" >> beam.Map(_write_summary, out),
         )

@@ -59,8 +59,9 @@ class Thresholds:
             if field.name == "trailing_runs":
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     raise ValueError(f"threshold trailing_runs must be an integer >= 1, got {value!r}")
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
+            elif (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            ):
                 raise ValueError(f"threshold {field.name} must be a finite number >= 0, got {value!r}")
         if self.max_norm_ratio < 1:
             raise ValueError(f"threshold max_norm_ratio must be >= 1, got {self.max_norm_ratio}")
@@ -121,8 +122,9 @@ def run_figures(summary: dict, mean_neg_distance: float | None) -> dict:
         "mean_batch_all_loss": finite_or_none(summary.get("mean_batch_all_loss")),
         "mean_batch_hard_loss": finite_or_none(summary.get("mean_batch_hard_loss")),
         "mean_semi_hard_loss": finite_or_none(summary.get("mean_semi_hard_loss")),
-        "neg_distance_fraction": (mean_neg_distance / distance_range
-                                  if mean_neg_distance is not None and distance_range else None),
+        "neg_distance_fraction": (
+            mean_neg_distance / distance_range if mean_neg_distance is not None and distance_range else None
+        ),
     }
 
 
@@ -137,54 +139,122 @@ def check(current: dict, history: list[dict], thresholds: Thresholds) -> list[di
         alerts.append(_alert("no_records", 0, None, "this run", "the run read no records at all"))
     rate = current["rejection_rate"]
     if rate is not None and rate > t.max_rejection_rate:
-        alerts.append(_alert("rejection_rate", rate, t.max_rejection_rate, "this run",
-                             f"{rate:.1%} of records were rejected (limit {t.max_rejection_rate:.1%})"))
+        alerts.append(
+            _alert(
+                "rejection_rate",
+                rate,
+                t.max_rejection_rate,
+                "this run",
+                f"{rate:.1%} of records were rejected (limit {t.max_rejection_rate:.1%})",
+            )
+        )
     empty = current["empty_fraction"]
     if empty is not None and empty > t.max_empty_fraction:
-        alerts.append(_alert("empty_fraction", empty, t.max_empty_fraction, "this run",
-                             f"{empty:.1%} of examples have no valid box (limit {t.max_empty_fraction:.1%})"))
+        alerts.append(
+            _alert(
+                "empty_fraction",
+                empty,
+                t.max_empty_fraction,
+                "this run",
+                f"{empty:.1%} of examples have no valid box (limit {t.max_empty_fraction:.1%})",
+            )
+        )
     auc = current["roc_auc"]
     if auc is not None and auc < t.min_auc:
-        alerts.append(_alert("auc_low", auc, t.min_auc, "this run",
-                             f"ROC AUC {auc:.4f} is below {t.min_auc:.4f}: positive and negative pairs "
-                             "are hardly separated"))
+        alerts.append(
+            _alert(
+                "auc_low",
+                auc,
+                t.min_auc,
+                "this run",
+                f"ROC AUC {auc:.4f} is below {t.min_auc:.4f}: positive and negative pairs are hardly separated",
+            )
+        )
     earlier_auc = [(run["date"], run["roc_auc"]) for run in history if run.get("roc_auc") is not None]
     if auc is not None and earlier_auc:
         date, previous = earlier_auc[-1]
         if previous - auc > t.max_auc_drop:
-            alerts.append(_alert("auc_drop_previous", previous - auc, t.max_auc_drop, f"previous run {date}",
-                                 f"ROC AUC fell by {previous - auc:.4f} from {previous:.4f} on {date} "
-                                 f"to {auc:.4f} (limit {t.max_auc_drop:.4f})"))
-        window = [value for _, value in earlier_auc[-t.trailing_runs:]]
+            alerts.append(
+                _alert(
+                    "auc_drop_previous",
+                    previous - auc,
+                    t.max_auc_drop,
+                    f"previous run {date}",
+                    f"ROC AUC fell by {previous - auc:.4f} from {previous:.4f} on {date} "
+                    f"to {auc:.4f} (limit {t.max_auc_drop:.4f})",
+                )
+            )
+        window = [value for _, value in earlier_auc[-t.trailing_runs :]]
         trailing = sum(window) / len(window)
         if trailing - auc > t.max_auc_drop:
-            alerts.append(_alert("auc_drop_trailing", trailing - auc, t.max_auc_drop,
-                                 f"trailing mean of {len(window)} runs",
-                                 f"ROC AUC {auc:.4f} is {trailing - auc:.4f} below the trailing mean "
-                                 f"{trailing:.4f} of {len(window)} earlier runs (limit {t.max_auc_drop:.4f})"))
+            alerts.append(
+                _alert(
+                    "auc_drop_trailing",
+                    trailing - auc,
+                    t.max_auc_drop,
+                    f"trailing mean of {len(window)} runs",
+                    f"ROC AUC {auc:.4f} is {trailing - auc:.4f} below the trailing mean "
+                    f"{trailing:.4f} of {len(window)} earlier runs (limit {t.max_auc_drop:.4f})",
+                )
+            )
     norm = current["mean_norm"]
     if norm is not None:
         if norm < t.min_mean_norm:
-            alerts.append(_alert("norm_collapse", norm, t.min_mean_norm, "this run",
-                                 f"mean L2 norm {norm:.4g} is below {t.min_mean_norm:.4g}"))
+            alerts.append(
+                _alert(
+                    "norm_collapse",
+                    norm,
+                    t.min_mean_norm,
+                    "this run",
+                    f"mean L2 norm {norm:.4g} is below {t.min_mean_norm:.4g}",
+                )
+            )
         if norm > t.max_mean_norm:
-            alerts.append(_alert("norm_explosion", norm, t.max_mean_norm, "this run",
-                                 f"mean L2 norm {norm:.4g} is above {t.max_mean_norm:.4g}"))
-        window = [run["mean_norm"] for run in history if run.get("mean_norm")][-t.trailing_runs:]
+            alerts.append(
+                _alert(
+                    "norm_explosion",
+                    norm,
+                    t.max_mean_norm,
+                    "this run",
+                    f"mean L2 norm {norm:.4g} is above {t.max_mean_norm:.4g}",
+                )
+            )
+        window = [run["mean_norm"] for run in history if run.get("mean_norm")][-t.trailing_runs :]
         if window:
             trailing = sum(window) / len(window)
             basis = f"trailing mean of {len(window)} runs"
             if norm * t.max_norm_ratio < trailing:
-                alerts.append(_alert("norm_collapse", norm / trailing, 1 / t.max_norm_ratio, basis,
-                                     f"mean L2 norm {norm:.4g} is {trailing / norm if norm else math.inf:.3g}x "
-                                     f"below the trailing mean {trailing:.4g} (limit {t.max_norm_ratio:g}x)"))
+                alerts.append(
+                    _alert(
+                        "norm_collapse",
+                        norm / trailing,
+                        1 / t.max_norm_ratio,
+                        basis,
+                        f"mean L2 norm {norm:.4g} is {trailing / norm if norm else math.inf:.3g}x "
+                        f"below the trailing mean {trailing:.4g} (limit {t.max_norm_ratio:g}x)",
+                    )
+                )
             if norm > trailing * t.max_norm_ratio:
-                alerts.append(_alert("norm_explosion", norm / trailing, t.max_norm_ratio, basis,
-                                     f"mean L2 norm {norm:.4g} is {norm / trailing:.3g}x the trailing mean "
-                                     f"{trailing:.4g} (limit {t.max_norm_ratio:g}x)"))
+                alerts.append(
+                    _alert(
+                        "norm_explosion",
+                        norm / trailing,
+                        t.max_norm_ratio,
+                        basis,
+                        f"mean L2 norm {norm:.4g} is {norm / trailing:.3g}x the trailing mean "
+                        f"{trailing:.4g} (limit {t.max_norm_ratio:g}x)",
+                    )
+                )
     spread = current["neg_distance_fraction"]
     if spread is not None and spread < t.min_neg_distance_fraction:
-        alerts.append(_alert("direction_collapse", spread, t.min_neg_distance_fraction, "this run",
-                             f"negative pairs lie {spread:.2%} of the distance range apart on average "
-                             f"(limit {t.min_neg_distance_fraction:.2%}): the vectors share one direction"))
+        alerts.append(
+            _alert(
+                "direction_collapse",
+                spread,
+                t.min_neg_distance_fraction,
+                "this run",
+                f"negative pairs lie {spread:.2%} of the distance range apart on average "
+                f"(limit {t.min_neg_distance_fraction:.2%}): the vectors share one direction",
+            )
+        )
     return alerts

@@ -86,9 +86,21 @@ def worst_examples_rows(run: RunData) -> list:
         return []
     order = pc.sort_indices(table, sort_keys=[(WORST_BY, "descending"), (contract.COL_EXAMPLE_ID, "ascending")])
     top = table.take(order[:WORST_EXAMPLES]).to_pylist()
-    return [(None, [row[contract.COL_EXAMPLE_ID], row["n_boxes"], row["n_triplets"], row["n_active_triplets"],
-                    _number(row["batch_all_loss"]), _number(row["batch_hard_loss"]),
-                    _number(row["semi_hard_loss"])]) for row in top]
+    return [
+        (
+            None,
+            [
+                row[contract.COL_EXAMPLE_ID],
+                row["n_boxes"],
+                row["n_triplets"],
+                row["n_active_triplets"],
+                _number(row["batch_all_loss"]),
+                _number(row["batch_hard_loss"]),
+                _number(row["semi_hard_loss"]),
+            ],
+        )
+        for row in top
+    ]
 
 
 def _trainer_section(run: RunData) -> str:
@@ -97,8 +109,9 @@ def _trainer_section(run: RunData) -> str:
     parts = [f'<p class="meta">from {html.esc(run.model_dir)}{" · status " + html.esc(state) if state else ""}</p>']
     losses = trainer_metrics.loss_curves(metrics)
     if losses:
-        parts.append(_figure("trainer loss curve", figures.curves, losses, "Trainer loss per epoch", "epoch",
-                             "training loss"))
+        parts.append(
+            _figure("trainer loss curve", figures.curves, losses, "Trainer loss per epoch", "epoch", "training loss")
+        )
     groups = trainer_metrics.validation_groups(metrics)
     if groups:
         heads = list(groups)
@@ -111,8 +124,9 @@ def _trainer_section(run: RunData) -> str:
                 before, after = groups[trainer_metrics.BASELINE].get(name), groups[trainer_metrics.TRAINED].get(name)
                 cells.append(after - before if before is not None and after is not None else None)
             rows.append((f"model.{name}", [name, *cells]))
-        header = ["validation figure", *heads] + ([f"{trainer_metrics.TRAINED} - {trainer_metrics.BASELINE}"]
-                                                  if compare else [])
+        header = ["validation figure", *heads] + (
+            [f"{trainer_metrics.TRAINED} - {trainer_metrics.BASELINE}"] if compare else []
+        )
         parts.append(html.table("model-figures", header, rows))
     if not (losses or groups):
         parts.append("<p>The trainer's metrics.json holds no loss curve or validation figures.</p>")
@@ -124,10 +138,27 @@ def _history_section(history: history_lib.History, current_date: str | None, cur
     dates = [run["date"] for run in runs]
     panels = {title: {key: [run.get(key) for run in runs] for key in keys} for title, keys in TREND_PANELS.items()}
     parts = [_figure("trends over earlier runs", figures.trends, dates, panels)]
-    rows = [(None, [run["date"], run.get("records_read"), run.get("rejection_rate"), run.get("roc_auc"),
-                    run.get("mean_batch_all_loss"), run.get("mean_norm")]) for run in runs]
-    parts.append(html.table("history-runs", ["date", "records in", "rejection rate", "ROC AUC",
-                                             "mean batch-all loss", "mean L2 norm"], rows))
+    rows = [
+        (
+            None,
+            [
+                run["date"],
+                run.get("records_read"),
+                run.get("rejection_rate"),
+                run.get("roc_auc"),
+                run.get("mean_batch_all_loss"),
+                run.get("mean_norm"),
+            ],
+        )
+        for run in runs
+    ]
+    parts.append(
+        html.table(
+            "history-runs",
+            ["date", "records in", "rejection rate", "ROC AUC", "mean batch-all loss", "mean L2 norm"],
+            rows,
+        )
+    )
     if history.skipped:
         items = "".join(f"<li>{html.esc(s)}</li>" for s in history.skipped)
         parts.append(f"<p>Partitions left out:</p><ul>{items}</ul>")
@@ -142,7 +173,9 @@ def _figure(alt: str, draw, *args) -> str:
     try:
         return html.image(draw(*args), alt)
     except Exception as error:  # noqa: BLE001 - whatever numpy/matplotlib raise on data nobody foresaw
-        return f'<p class="meta">{html.esc(alt)}: not drawn ({html.esc(type(error).__name__)}: {html.esc(str(error))})</p>'
+        return (
+            f'<p class="meta">{html.esc(alt)}: not drawn ({html.esc(type(error).__name__)}: {html.esc(str(error))})</p>'
+        )
 
 
 def norms_caption(run: RunData) -> str:
@@ -153,8 +186,9 @@ def norms_caption(run: RunData) -> str:
     return f"<p>A uniform sample of {shown:,} of the run's {run.vectors_total:,} valid boxes.</p>"
 
 
-def generate_report(output_dir: str, history_root: str | None = None, thresholds=None,
-                    model_dir: str | None = None) -> list[dict]:
+def generate_report(
+    output_dir: str, history_root: str | None = None, thresholds=None, model_dir: str | None = None
+) -> list[dict]:
     """Writes `report.html` and `alerts.json` into a finished run's `output_dir`; returns the alerts.
 
     `thresholds`: None (defaults), a `Thresholds`, a {name: value} dict or ["NAME=VALUE"];
@@ -177,32 +211,64 @@ def generate_report(output_dir: str, history_root: str | None = None, thresholds
     norm_summary = summary.get("l2_norm") or {}
     sections = [
         ("alerts-section", "", html.alerts_block(found)),
-        ("headline-section", "Headline figures", html.side_by_side(
-            html.table("headline", ["data", "value"], headline_rows(summary, HEADLINE_DATA)),
-            html.table("headline-quality", ["quality", "value"], headline_rows(summary, HEADLINE_QUALITY)),
-            html.table("norm-stats", ["raw L2 norm", "value"],
-                       [(f"l2_norm.{k}", [k, _number(norm_summary.get(k))]) for k in NORM_STATS]))),
-        ("distances-section", "Pair distances",
-         _figure("pair distance histograms", figures.pair_distance_histogram, summary.get("histogram") or {})),
-        ("norms-section", "Vector norms",
-         norms_caption(run)
-         + _figure("norm distributions", figures.norm_distributions, l2, l2_z)
-         + _figure("norms per level and anchor", figures.norms_by_position, l2, level, anchor)),
-        ("worst-section", f"Worst examples (highest {WORST_BY_LABEL})",
-         html.table("worst-examples", ["example id", "valid boxes", "triplets", "active triplets",
-                                       "batch-all loss", "batch-hard loss", "semi-hard loss"],
-                    worst_examples_rows(run)) if run.examples.num_rows else "<p>No examples.</p>"),
+        (
+            "headline-section",
+            "Headline figures",
+            html.side_by_side(
+                html.table("headline", ["data", "value"], headline_rows(summary, HEADLINE_DATA)),
+                html.table("headline-quality", ["quality", "value"], headline_rows(summary, HEADLINE_QUALITY)),
+                html.table(
+                    "norm-stats",
+                    ["raw L2 norm", "value"],
+                    [(f"l2_norm.{k}", [k, _number(norm_summary.get(k))]) for k in NORM_STATS],
+                ),
+            ),
+        ),
+        (
+            "distances-section",
+            "Pair distances",
+            _figure("pair distance histograms", figures.pair_distance_histogram, summary.get("histogram") or {}),
+        ),
+        (
+            "norms-section",
+            "Vector norms",
+            norms_caption(run)
+            + _figure("norm distributions", figures.norm_distributions, l2, l2_z)
+            + _figure("norms per level and anchor", figures.norms_by_position, l2, level, anchor),
+        ),
+        (
+            "worst-section",
+            f"Worst examples (highest {WORST_BY_LABEL})",
+            html.table(
+                "worst-examples",
+                [
+                    "example id",
+                    "valid boxes",
+                    "triplets",
+                    "active triplets",
+                    "batch-all loss",
+                    "batch-hard loss",
+                    "semi-hard loss",
+                ],
+                worst_examples_rows(run),
+            )
+            if run.examples.num_rows
+            else "<p>No examples.</p>",
+        ),
     ]
     if run.trainer_metrics is not None:
         sections.append(("model-section", "Trainer", _trainer_section(run)))
     if history is not None:
-        sections.append(("history-section", f"History ({len(history.runs)} earlier runs)",
-                         _history_section(history, date, current)))
+        sections.append(
+            ("history-section", f"History ({len(history.runs)} earlier runs)", _history_section(history, date, current))
+        )
     options = run.manifest.get("options") or {}
     location = os.path.abspath(output_dir) if storage.is_local(output_dir) else output_dir
-    meta = html.esc(f"{location} · input {run.manifest.get('input_pattern', '?')} · "
-                    f"{run.manifest.get('start_time', '?')} – {run.manifest.get('end_time', '?')} · "
-                    f"distance {options.get('distance', (summary.get('histogram') or {}).get('distance', '?'))}")
+    meta = html.esc(
+        f"{location} · input {run.manifest.get('input_pattern', '?')} · "
+        f"{run.manifest.get('start_time', '?')} – {run.manifest.get('end_time', '?')} · "
+        f"distance {options.get('distance', (summary.get('histogram') or {}).get('distance', '?'))}"
+    )
     document = html.page(f"tripletflow report{' ' + date if date else ''}", meta, sections)
 
     alerts_doc = {

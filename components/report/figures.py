@@ -50,8 +50,14 @@ def pair_distance_histogram(histogram: dict) -> bytes:
         counts = np.asarray(histogram.get(key) or [], dtype=float)
         if len(edges) != len(counts) + 1 or counts.sum() <= 0:
             continue
-        ax.stairs(counts / counts.sum(), edges, fill=True, alpha=0.4, color=color,
-                  label=f"{key} pairs ({int(counts.sum()):,})")
+        ax.stairs(
+            counts / counts.sum(),
+            edges,
+            fill=True,
+            alpha=0.4,
+            color=color,
+            label=f"{key} pairs ({int(counts.sum()):,})",
+        )
         drawn = True
     if drawn:
         ax.set_xlabel(f"{distance} distance between normalized vectors")

@@ -56,7 +56,7 @@ def _partitions(root: str) -> dict[str, list[str]]:
     """
     partitions: dict[str, list[str]] = {}
     for path in storage.match(storage.join(root, PARTITION_PREFIX + "**")):
-        relative = path[len(root):].lstrip("/").split("/")
+        relative = path[len(root) :].lstrip("/").split("/")
         if len(relative) < 2 or not DATE_PATTERN.match(relative[0]):
             continue
         manifests = partitions.setdefault(storage.join(root, relative[0]), [])

@@ -73,8 +73,11 @@ def side_by_side(*parts: str) -> str:
 def alerts_block(alerts: list[dict]) -> str:
     if not alerts:
         return '<div class="ok" id="alerts"><strong>No alerts.</strong> Every check passed.</div>'
-    items = "".join(f'<li data-alert="{esc(a["name"])}"><strong>{esc(a["name"])}</strong> '
-                    f'({esc(a["basis"])}): {esc(a["message"])}</li>' for a in alerts)
+    items = "".join(
+        f'<li data-alert="{esc(a["name"])}"><strong>{esc(a["name"])}</strong> '
+        f"({esc(a['basis'])}): {esc(a['message'])}</li>"
+        for a in alerts
+    )
     return f'<div class="alerts" id="alerts"><strong>{len(alerts)} alert(s)</strong><ul>{items}</ul></div>'
 
 
@@ -85,7 +88,7 @@ def page(title: str, meta: str, sections: list[tuple[str, str, str]]) -> str:
         head = f"<h2>{esc(heading)}</h2>" if heading else ""
         body.append(f'<section id="{esc(section_id)}">{head}\n{inner}\n</section>')
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)}</title><style>{STYLE}</style></head>\n<body>\n"
-        f"<h1>{esc(title)}</h1><div class=\"meta\">{meta}</div>\n" + "\n".join(body) + "\n</body></html>\n"
+        f'<h1>{esc(title)}</h1><div class="meta">{meta}</div>\n' + "\n".join(body) + "\n</body></html>\n"
     )

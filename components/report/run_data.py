@@ -26,9 +26,22 @@ VECTOR_COLUMNS = (contract.COL_LEVEL, contract.COL_ANCHOR, contract.COL_L2_NORM,
 # whole table, and bounds the report's memory (~20 bytes a box) whatever the run's size.
 MAX_PLOTTED_BOXES = 200_000
 SAMPLE_SEED = 0  # the sample is the same on every re-run of a report
-EXAMPLE_COLUMNS = contract.check_columns(contract.EXAMPLES_SCHEMA, (
-    contract.COL_EXAMPLE_ID, "n_boxes", "n_neg_pairs", "n_triplets", "n_active_triplets", "pos_dist_mean",
-    "neg_dist_mean", "batch_all_loss", "batch_hard_loss", "semi_hard_loss"), "the report")
+EXAMPLE_COLUMNS = contract.check_columns(
+    contract.EXAMPLES_SCHEMA,
+    (
+        contract.COL_EXAMPLE_ID,
+        "n_boxes",
+        "n_neg_pairs",
+        "n_triplets",
+        "n_active_triplets",
+        "pos_dist_mean",
+        "neg_dist_mean",
+        "batch_all_loss",
+        "batch_hard_loss",
+        "semi_hard_loss",
+    ),
+    "the report",
+)
 
 MODEL_SUBDIR = "model"  # a trainer output directory placed inside the run's output
 
@@ -136,10 +149,15 @@ def load_run(output_dir: str, model_dir: str | None = None) -> RunData:
         raise RunDataError(f"{output_dir} has no {contract.MANIFEST_FILE}: the run did not finish")
     manifest = read_json(manifest_path)
     summary = read_summary(output_dir, manifest)
-    vectors, vectors_total = sample_table(listed_files(output_dir, manifest, contract.VECTORS_DIR),
-                                          contract.VECTORS_SCHEMA, VECTOR_COLUMNS, MAX_PLOTTED_BOXES)
-    examples = read_table(listed_files(output_dir, manifest, contract.EXAMPLES_DIR), contract.EXAMPLES_SCHEMA,
-                          EXAMPLE_COLUMNS)
+    vectors, vectors_total = sample_table(
+        listed_files(output_dir, manifest, contract.VECTORS_DIR),
+        contract.VECTORS_SCHEMA,
+        VECTOR_COLUMNS,
+        MAX_PLOTTED_BOXES,
+    )
+    examples = read_table(
+        listed_files(output_dir, manifest, contract.EXAMPLES_DIR), contract.EXAMPLES_SCHEMA, EXAMPLE_COLUMNS
+    )
     model = find_model_dir(output_dir, model_dir)
     metrics = None
     if model is not None:

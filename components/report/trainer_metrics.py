@@ -48,7 +48,9 @@ def validation_groups(metrics: dict) -> dict[str, dict]:
     groups = {}
     for head, figures in validation.items():
         if isinstance(figures, dict):
-            names = [n for n in LEADING_FIGURES if n in figures] + sorted(n for n in figures if n not in LEADING_FIGURES)
+            names = [n for n in LEADING_FIGURES if n in figures] + sorted(
+                n for n in figures if n not in LEADING_FIGURES
+            )
             groups[head] = {n: _scalar(figures[n]) for n in names if _is_number(figures[n]) or figures[n] is None}
     order = [h for h in (BASELINE, TRAINED) if h in groups] + sorted(h for h in groups if h not in (BASELINE, TRAINED))
     return {head: groups[head] for head in order}

@@ -46,7 +46,11 @@ def run_grid(stats_dirs, dim: int) -> contract.GridSpec | None:
     for stats_dir in stats_dirs:
         options = data.read_manifest(stats_dir).get("options", {})
         preprocessing[stats_dir] = {k: options.get(k) for k in PREPROCESSING_OPTIONS}
-        grids.add(tuple(contract.GridSpec.parse(options["grid"], options.get("dim", dim)).grid_shape) if "grid" in options else None)
+        grids.add(
+            tuple(contract.GridSpec.parse(options["grid"], options.get("dim", dim)).grid_shape)
+            if "grid" in options
+            else None
+        )
     if len({json.dumps(v, sort_keys=True) for v in preprocessing.values()}) > 1:
         raise ValueError(f"--stats runs were preprocessed differently: {preprocessing}")
     if None in grids:
@@ -70,8 +74,10 @@ def check_transform_graph(stats_dir: str, grid: contract.GridSpec) -> None:
         raise ValueError(f"--stats {stats_dir}: no readable transform graph in {path}: {error}") from None
     want = {feature.name for feature in contract.box_schema(grid).feature}
     if set(found) != want:
-        raise ValueError(f"--stats {stats_dir}: its transform graph takes {sorted(found)}, not one box {sorted(want)} "
-                         f"(written by an older tripletflow?); re-run `tripletflow run` on its input to export a model")
+        raise ValueError(
+            f"--stats {stats_dir}: its transform graph takes {sorted(found)}, not one box {sorted(want)} "
+            f"(written by an older tripletflow?); re-run `tripletflow run` on its input to export a model"
+        )
 
 
 def _check_resume(spec: spec_lib.TrainerSpec) -> None:
@@ -82,7 +88,10 @@ def _check_resume(spec: spec_lib.TrainerSpec) -> None:
     if previous is not None:
         for key in spec_lib.RESUMABLE_OPTIONS:
             previous["options"].pop(key, None)
-        compare = {**current, "options": {k: v for k, v in current["options"].items() if k not in spec_lib.RESUMABLE_OPTIONS}}
+        compare = {
+            **current,
+            "options": {k: v for k, v in current["options"].items() if k not in spec_lib.RESUMABLE_OPTIONS},
+        }
         if previous != compare:
             raise ValueError(
                 f"{spec.output_dir!r} holds a run with other options or inputs ({previous}); "
@@ -94,7 +103,9 @@ def _check_resume(spec: spec_lib.TrainerSpec) -> None:
 class Executor:
     """Runs one TrainerSpec: `Executor(spec).run()` -> the metrics.json document."""
 
-    def __init__(self, spec: spec_lib.TrainerSpec, verbose: bool = True, strategy: tf.distribute.Strategy | None = None):
+    def __init__(
+        self, spec: spec_lib.TrainerSpec, verbose: bool = True, strategy: tf.distribute.Strategy | None = None
+    ):
         self.spec = spec
         self.strategy = strategy  # None: choose_strategy() (tests pass a mirrored one over virtual CPUs)
         self.options = spec.options
@@ -123,7 +134,9 @@ class Executor:
                     for batch in reader.iter_batches(columns=[data.ID_COLUMN]):
                         seen.update(batch.column(0).to_pylist())
             for example_id in seen:
-                split = data.VALIDATION if data.is_validation(example_id, self.options.validation_fraction) else data.TRAIN
+                split = (
+                    data.VALIDATION if data.is_validation(example_id, self.options.validation_fraction) else data.TRAIN
+                )
                 counts[split] += 1
         return counts
 
@@ -183,8 +196,12 @@ class Executor:
             validation = self.dataset(data.VALIDATION, dim, None)
             baseline = model.ProjectionHead(dim, identity=True)
             document["validation"] = {
-                "baseline": metrics.evaluate(tf.function(baseline, reduce_retracing=True, autograph=False), validation, o.margin, o.distance),
-                "trained": metrics.evaluate(tf.function(head, reduce_retracing=True, autograph=False), validation, o.margin, o.distance),
+                "baseline": metrics.evaluate(
+                    tf.function(baseline, reduce_retracing=True, autograph=False), validation, o.margin, o.distance
+                ),
+                "trained": metrics.evaluate(
+                    tf.function(head, reduce_retracing=True, autograph=False), validation, o.margin, o.distance
+                ),
             }
             if o.export:
                 self.export(head, grid)
@@ -197,8 +214,9 @@ class Executor:
         """(head, optimizer) in `strategy`'s scope: the projection head [.., dim] -> [.., dim] and its Adam."""
         o = self.options
         with strategy.scope():
-            head = model.ProjectionHead(dim, dim, hidden=o.hidden, seed=o.seed,
-                                        compute_dtype=tf.float16 if o.mixed_precision else tf.float32)
+            head = model.ProjectionHead(
+                dim, dim, hidden=o.hidden, seed=o.seed, compute_dtype=tf.float16 if o.mixed_precision else tf.float32
+            )
             optimizer = tf_keras.optimizers.Adam(o.learning_rate)
             if o.mixed_precision:
                 optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)

@@ -1,10 +1,11 @@
 """Validation figures of a head on padded sets: mean triplet losses, ROC AUC, recall@1.
 
 Per image (the statistics' convention): the losses are the loss graph's per-set values
-averaged over sets having a triplet, plus the mean hinge over all triplets; ROC AUC is P(negative pair distance > positive pair
-distance) (ties count 1/2) from fixed-bin histograms, so memory stays bounded, with the
-largest error the binning can cause; recall@1 is the fraction of valid boxes (with at least
-one other valid box in their set) whose nearest other valid box has the same label.
+averaged over sets having a triplet, plus the mean hinge over all triplets; ROC AUC is
+P(negative pair distance > positive pair distance) (ties count 1/2) from fixed-bin
+histograms, so memory stays bounded, with the largest error the binning can cause;
+recall@1 is the fraction of valid boxes (with at least one other valid box in their set)
+whose nearest other valid box has the same label.
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ def make_batch_figures(margin: float, distance: str):
     def batch_figures(embeddings, labels):
         g = triplet_loss.pair_geometry(embeddings, labels, distance=distance, normalize=True)  # once, for all
         stats, pos_hist, neg_hist = triplet_loss.statistics_and_histograms(
-            g, labels, bins=AUC_BINS, upper_edge=top, margin=margin, distance=distance, normalize=True)
+            g, labels, bins=AUC_BINS, upper_edge=top, margin=margin, distance=distance, normalize=True
+        )
         has_triplet = stats["n_triplets"] > 0
-        out = {"examples": tf.size(has_triplet, tf.int64), "examples_with_triplets": tf.reduce_sum(tf.cast(has_triplet, tf.int64))}
+        out = {
+            "examples": tf.size(has_triplet, tf.int64),
+            "examples_with_triplets": tf.reduce_sum(tf.cast(has_triplet, tf.int64)),
+        }
         for name in LOSS_FIGURES:
             out[name] = tf.reduce_sum(tf.where(has_triplet, stats[name], 0.0))
         out["triplet_loss_sum"] = tf.reduce_sum(tf.cast(stats["triplet_loss_sum"], tf.float64))

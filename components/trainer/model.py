@@ -51,7 +51,9 @@ class ProjectionHead(tf.Module):
             with self.name_scope:
                 for index, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
                     limit = math.sqrt(GLOROT_SCALE / (fan_in + fan_out))
-                    init = tf.random.stateless_uniform([fan_in, fan_out], seed=[seed, index], minval=-limit, maxval=limit)
+                    init = tf.random.stateless_uniform(
+                        [fan_in, fan_out], seed=[seed, index], minval=-limit, maxval=limit
+                    )
                     self.kernels.append(tf.Variable(init, name=f"kernel_{index}"))
                     self.biases.append(tf.Variable(tf.zeros([fan_out]), name=f"bias_{index}"))
 
@@ -79,7 +81,9 @@ def training_loss(embeddings, labels, *, mining: str, margin: float, distance: s
     """
     if pair_scope == "batch":
         embeddings, labels = triplet_loss.merge_sets(embeddings, labels)
-    return triplet_loss.triplet_loss(embeddings, labels, mining=mining, margin=margin, distance=distance, normalize=True)
+    return triplet_loss.triplet_loss(
+        embeddings, labels, mining=mining, margin=margin, distance=distance, normalize=True
+    )
 
 
 class ServingModule(tf.Module):
