@@ -11,7 +11,9 @@ first 12 bytes are a length and that length's masked CRC, which a GZIP header ma
 chance once in 2^32: the GZIP magic alone is not enough); a local file that is not a regular
 file (a FIFO would block the read forever) is refused; and a local plain file's record
 lengths are checked against the file's size, because tf.data allocates a record's length
-before reading it and a corrupt length field with a valid CRC crashes the process.
+before reading it and a corrupt length field with a valid CRC crashes the process. A remote
+plain object is read here instead, in one pass with the same checks (`stream_plain_records`),
+so it is not downloaded twice; GZIP streams are safe in tf.data (it reads them incrementally).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ PLAIN = ""  # tf.data's compression_type of a plain TFRecord file
 GZIP = "GZIP"
 # TFRecord framing: [uint64 length][uint32 masked CRC32C of the length][data][uint32 masked CRC32C of the data]
 HEADER = struct.Struct("<QI")
-FOOTER_BYTES = 4
+FOOTER = struct.Struct("<I")
+FOOTER_BYTES = FOOTER.size
 # A record longer than this cannot be a tf.train.Example (protobuf's 2 GiB message limit).
 MAX_RECORD_BYTES = (1 << 31) - 1
 READ_BUFFER_BYTES = 8 << 20  # tf.data read buffer per file
@@ -53,7 +56,7 @@ def is_plain_header(header: bytes) -> bool:
     """True if `header` (a file's first HEADER.size bytes) is a TFRecord length with its valid masked CRC."""
     if len(header) < HEADER.size:
         return False
-    _, crc = HEADER.unpack(header[:HEADER.size])
+    _, crc = HEADER.unpack(header[: HEADER.size])
     return _TFRecordUtil._masked_crc32c(header[:8]) == crc  # Beam's TFRecord CRC (google-crc32c)
 
 
@@ -66,7 +69,7 @@ def detect_compression(path: str) -> list[str]:
     """
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         header = f.read(HEADER.size)
-    plain, gzip = is_plain_header(header), header[:len(GZIP_MAGIC)] == GZIP_MAGIC
+    plain, gzip = is_plain_header(header), header[: len(GZIP_MAGIC)] == GZIP_MAGIC
     if plain and gzip:
         return [PLAIN, GZIP]
     return [GZIP] if gzip else [PLAIN]
@@ -83,8 +86,13 @@ def not_regular_file(path: str) -> str | None:
         return f"cannot be read: {error.strerror}"
     if stat.S_ISREG(mode):
         return None
-    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+    )
     kind = next((name for test, name in kinds if test(mode)), "not a regular file")
     return f"is {kind}, not a regular file"
 
@@ -99,6 +107,16 @@ def non_regular_files_error(pattern: str, files) -> str | None:
         return None
     shown = "; ".join(f"{path} {why}" for path, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
     return f"--input {pattern!r} matches {len(bad)} file(s) that cannot be read as TFRecord files: {shown}"
+
+
+def _overrun(records: int, offset: int, length: int, left: int) -> str | None:
+    """Why record `records` (its header at byte `offset`, `left` bytes after header and footer) cannot be read."""
+    if length <= min(left, MAX_RECORD_BYTES):
+        return None
+    return (
+        f"record {records} at byte {offset} has a length field of {length} bytes: more than the "
+        f"{max(left, 0)} bytes left in the file or the {MAX_RECORD_BYTES} a tf.train.Example can hold"
+    )
 
 
 def plain_framing_break(path: str) -> tuple[int, str] | None:
@@ -116,14 +134,47 @@ def plain_framing_break(path: str) -> tuple[int, str] | None:
             if not is_plain_header(header):
                 return None  # a corrupt length: tf.data reports it without allocating
             length = HEADER.unpack(header)[0]
-            left = size - offset - HEADER.size - FOOTER_BYTES
-            if length > min(left, MAX_RECORD_BYTES):
-                return records, (f"record {records} at byte {offset} has a length field of {length} bytes: more "
-                                 f"than the {max(left, 0)} bytes left in the file or the {MAX_RECORD_BYTES} "
-                                 "a tf.train.Example can hold")
+            why = _overrun(records, offset, length, size - offset - HEADER.size - FOOTER_BYTES)
+            if why:
+                return records, why
             offset += HEADER.size + length + FOOTER_BYTES
             records += 1
     return None
+
+
+class FramingError(ValueError):
+    """A plain TFRecord stream breaks after `records` good records."""
+
+    def __init__(self, records: int, why: str):
+        super().__init__(why)
+        self.records = records
+
+
+def stream_plain_records(path: str):
+    """The records of a plain TFRecord file (a remote object), read in one pass through Beam's FileSystems.
+
+    Each length field is checked (its CRC, and that it fits the rest of the object and
+    MAX_RECORD_BYTES) before its record is read, so a bogus length never becomes an allocation,
+    and each record's CRC is checked: the safety of `plain_framing_break` without reading a
+    remote object twice. Raises FramingError after the last good record.
+    """
+    size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+    offset = records = 0
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        while offset < size:
+            header = f.read(HEADER.size)
+            if not is_plain_header(header):
+                raise FramingError(records, f"record {records} at byte {offset}: no valid TFRecord length field")
+            length = HEADER.unpack(header)[0]
+            why = _overrun(records, offset, length, size - offset - HEADER.size - FOOTER_BYTES)
+            if why:
+                raise FramingError(records, why)
+            data, footer = f.read(length), f.read(FOOTER_BYTES)
+            if len(footer) < FOOTER_BYTES or FOOTER.unpack(footer)[0] != _TFRecordUtil._masked_crc32c(data):
+                raise FramingError(records, f"record {records} at byte {offset}: truncated or corrupt data (CRC)")
+            yield data
+            offset += HEADER.size + length + FOOTER_BYTES
+            records += 1
 
 
 def _clean_tf_message(message: str) -> str:
@@ -178,7 +229,19 @@ class _ReadFileFn(beam.DoFn):
             if why:  # a FIFO would block the read forever
                 raise OSError(f"{path} {why}")
             readings = detect_compression(path)
-            overrun = plain_framing_break(path) if is_local(path) and readings[0] == PLAIN else None
+            if readings[0] == PLAIN and not is_local(path):  # read here in one checked pass, not by tf.data
+                try:
+                    for record in stream_plain_records(path):
+                        yield path, record
+                        good += 1
+                    readings = []
+                except FramingError as error:
+                    if good or len(readings) == 1:
+                        readings = []
+                        yield self._corrupt_row(path, good, str(error))
+                    else:
+                        readings = readings[1:]  # no plain record at all: the GZIP reading is the file's
+            overrun = plain_framing_break(path) if readings[:1] == [PLAIN] else None
             if overrun is not None and overrun[0] == 0 and len(readings) > 1:
                 readings, overrun = readings[1:], None  # no plain record at all: the GZIP reading is the file's
             for attempt, compression in enumerate(readings):
