@@ -6,7 +6,8 @@ CONNECT to Google's storage hosts only, terminates TLS with a certificate of a t
 CA, and forwards each HTTP request to the plain-HTTP emulator: bodies de-chunked (the emulator
 speaks HTTP/1.0), Host rewritten to the emulator (so the links it builds point at itself), and
 emulator URLs in response headers rewritten back to Google's (so resumable uploads come back
-through the proxy). Nothing leaves the machine; any other host is refused.
+through the proxy). Nothing leaves the machine; any other host is refused. The proxy runs in a
+process of its own (TfGcsProxy says why) and can log every request it relays.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ import datetime
 import http.client
 import json
 import os
+import re
+import select
+import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import tempfile
 import threading
 import urllib.parse
@@ -26,6 +32,8 @@ GOOGLE_BASE = "https://www.googleapis.com"
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
               "expect", "content-length", "host"}
 UPSTREAM_TIMEOUT_S = 60
+START_TIMEOUT_S = 20.0  # certificates, bind, report the port
+STOP_TIMEOUT_S = 5.0
 CERT_DAYS = 2
 
 
@@ -106,38 +114,52 @@ def _as_multipart(path: str, head):
     return path.replace("uploadType=media", "uploadType=multipart"), body, (head[0], headers)
 
 
-class TfGcsProxy:
-    """The proxy, on a free loopback port, in daemon threads; `env` is what TensorFlow needs."""
+STORAGE_LAYOUT = re.compile(r"^/storage/v1/b/([^/?]+)/storageLayout(?:\?.*)?$")
 
-    def __init__(self, emulator_url: str):
+
+def _storage_layout(method: str, path: str) -> bytes | None:
+    """GCS's answer to a bucket's storageLayout request for a flat bucket; None for any other request.
+
+    TensorFlow renames a directory (tf.Transform publishes its transform graph that way) only
+    after asking the bucket's storage layout: hierarchical-namespace buckets get one folder
+    rename, flat ones a copy per object. The emulator lacks this endpoint (404, which TensorFlow
+    treats as a failed rename), so the proxy answers as GCS does for a bucket without
+    hierarchical namespace: no `hierarchicalNamespace` field (tsl gcs_file_system.cc,
+    ParseIsHnsEnabled: absent means disabled).
+    """
+    match = STORAGE_LAYOUT.match(path) if method == "GET" else None
+    if match is None:
+        return None
+    bucket = urllib.parse.unquote(match.group(1))
+    return json.dumps({"kind": "storage#storageLayout", "bucket": bucket, "location": "US",
+                       "locationType": "multi-region"}).encode()
+
+
+class _Server:
+    """The proxy itself: a loopback listener, one daemon thread per client connection."""
+
+    def __init__(self, emulator_url: str, directory: str, log_path: str | None):
         self._emulator = emulator_url.rstrip("/")
         host_port = self._emulator.split("://", 1)[1]
         self._host, self._port = host_port.rsplit(":", 1)[0], int(host_port.rsplit(":", 1)[1])
-        self._dir = tempfile.mkdtemp(prefix="tf-gcs-proxy-")
-        self.ca_path, cert, key = _certificates(self._dir)
+        _, cert, key = _certificates(directory)
         self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._tls.load_cert_chain(cert, key)
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.port = self._listener.getsockname()[1]
+        self._log = open(log_path, "a", buffering=1) if log_path else None  # line-buffered
+        self._log_lock = threading.Lock()
 
-    @property
-    def env(self) -> dict[str, str]:
-        return {"HTTPS_PROXY": self.url, "https_proxy": self.url, "CURL_CA_BUNDLE": self.ca_path,
-                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorFlow's own offline token
-                "NO_GCE_CHECK": "True"}
-
-    def close(self) -> None:
-        self._listener.close()
-
-    def _serve(self) -> None:
+    def serve_forever(self) -> None:
         while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:  # closed
-                return
+            connection, _ = self._listener.accept()
             threading.Thread(target=self._tunnel, args=(connection,), daemon=True).start()
+
+    def _record(self, method: str, path: str, status: int, sent: int, received: int) -> None:
+        """One line per relayed request: method, path and query, status, request and response body bytes."""
+        if self._log is not None:
+            with self._log_lock:
+                self._log.write(f"{method} {path} {status} {sent} {received}\n")
 
     def _tunnel(self, connection: socket.socket) -> None:
         try:
@@ -165,6 +187,11 @@ class TfGcsProxy:
             if headers.get("expect", "").lower() == "100-continue" and has_body:  # curl waits for it only then
                 tls.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = _read_body(reader, headers)
+            if (layout := _storage_layout(method, path)) is not None:
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=UTF-8\r\n"
+                            + f"Content-Length: {len(layout)}\r\n\r\n".encode() + layout)
+                self._record(method, path, 200, len(body), len(layout))
+                continue
             if method == "POST" and not body and "uploadType=media" in path:
                 path, body, head = _as_multipart(path, head)
             upstream = http.client.HTTPConnection(self._host, self._port, timeout=UPSTREAM_TIMEOUT_S)
@@ -180,5 +207,69 @@ class TfGcsProxy:
                         lines.append(f"{name}: {value.replace(self._emulator, GOOGLE_BASE)}")
                 lines.append(f"Content-Length: {len(data) if method != 'HEAD' else response.getheader('Content-Length', 0)}")
                 tls.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
+                self._record(method, path, response.status, len(body), len(data))
             finally:
                 upstream.close()
+
+
+class ProxyError(RuntimeError):
+    """The proxy process did not start (it died, or did not report its port in time)."""
+
+
+class TfGcsProxy:
+    """The proxy in its own process, on a free loopback port; `env` is what TensorFlow needs.
+
+    A separate process, not threads of the test's: some TensorFlow calls reach GCS while holding
+    Python's GIL (e.g. `pywrap_saved_model.Save`, called by tf.saved_model.save after the
+    variables and assets are written, stats the export directory), and a proxy thread of the same
+    interpreter could then never run to answer them: the request hangs until curl's idle timeout
+    aborts it (libcurl code 42), retry after retry. `log_path`, when given, gets one line per
+    relayed request (see _Server._record).
+    """
+
+    def __init__(self, emulator_url: str, log_path: str | None = None):
+        self._dir = tempfile.mkdtemp(prefix="tf-gcs-proxy-")
+        self.ca_path = os.path.join(self._dir, "ca.pem")
+        self.log_path = log_path
+        command = [sys.executable, os.path.abspath(__file__), emulator_url, self._dir, log_path or ""]
+        # Its stdin is a pipe it watches: the proxy ends with this process, however this one ends.
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = select.select([self._process.stdout], [], [], START_TIMEOUT_S)[0]
+        line = self._process.stdout.readline().strip() if ready else ""
+        if not line.isdigit():
+            self.close()
+            raise ProxyError(f"the TLS proxy did not start within {START_TIMEOUT_S} s (said {line!r})")
+        self.url = f"http://127.0.0.1:{line}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"HTTPS_PROXY": self.url, "https_proxy": self.url, "CURL_CA_BUNDLE": self.ca_path,
+                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorFlow's own offline token
+                "NO_GCE_CHECK": "True"}
+
+    def close(self) -> None:
+        """Stops the proxy process and removes its certificates."""
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process.stdout.close()
+        self._process.stdin.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def main(argv: list[str]) -> None:
+    """`gcs_tls_proxy.py EMULATOR_URL DIR [LOG]`: writes DIR/ca.pem, prints the port, serves until killed."""
+    emulator_url, directory, log_path = (argv + [""])[:3]
+    server = _Server(emulator_url, directory, log_path or None)
+    threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()  # parent gone: end
+    print(server.port, flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
