@@ -129,10 +129,16 @@ def _parquet_rows(path: str) -> int:
         return pq.ParquetFile(f).metadata.num_rows
 
 
+def _is_marker(path: str) -> bool:
+    """True for a directory marker: the empty object "<dir>/" that tf.io.gfile (tf.Transform's
+    writer) creates on an object store for every directory it makes. It holds no data and is no file."""
+    return path.endswith("/")
+
+
 def run_files(run: RunInfo) -> list[dict]:
     """Every file of the run (contract.MANIFEST_FILE_KEYS): path relative to the output, bytes, rows."""
     prefix = len(run.output_dir) + 1
-    found = FileSystems.match([run.path("**")])[0].metadata_list
+    found = [m for m in FileSystems.match([run.path("**")])[0].metadata_list if not _is_marker(m.path)]
     files = []
     for metadata in sorted(found, key=lambda m: m.path):
         rows = _parquet_rows(metadata.path) if metadata.path.endswith(PARQUET_SUFFIX) else None
@@ -180,12 +186,14 @@ def _replaced(run: RunInfo, relative: str) -> bool:
     """True for an entry of the output (path relative to it) that the committed run replaces.
 
     Everything but the new manifest and the new run is replaced, except runs that started
-    after this one (they may still be in flight; the newest run commits last and wins).
+    after this one (they may still be in flight; the newest run commits last and wins). The
+    directory markers of the output itself ("") and of its runs folder ("runs/") stay: on an
+    object store deleting a marker deletes everything under it, the new run included.
     """
-    if relative == contract.MANIFEST_FILE:
+    if relative in (contract.MANIFEST_FILE, ""):
         return False
     parts = relative.split("/")
-    return not (parts[0] == contract.RUNS_DIR and len(parts) > 1 and parts[1] >= run.run_id)
+    return not (parts[0] == contract.RUNS_DIR and len(parts) > 1 and (parts[1] == "" or parts[1] >= run.run_id))
 
 
 def delete_replaced(run: RunInfo) -> None:
