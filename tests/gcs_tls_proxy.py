@@ -183,7 +183,8 @@ class _Server:
         while (head := _read_head(reader)) is not None:
             method, path = head[0].split(" ")[:2]
             headers = {name.lower(): value for name, value in head[1]}
-            has_body = headers.get("transfer-encoding", "").lower() == "chunked" or int(headers.get("content-length", 0))
+            chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+            has_body = chunked or int(headers.get("content-length", 0))
             if headers.get("expect", "").lower() == "100-continue" and has_body:  # curl waits for it only then
                 tls.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = _read_body(reader, headers)
@@ -205,7 +206,8 @@ class _Server:
                 for name, value in response.getheaders():
                     if name.lower() not in HOP_BY_HOP:
                         lines.append(f"{name}: {value.replace(self._emulator, GOOGLE_BASE)}")
-                lines.append(f"Content-Length: {len(data) if method != 'HEAD' else response.getheader('Content-Length', 0)}")
+                length = len(data) if method != "HEAD" else response.getheader("Content-Length", 0)
+                lines.append(f"Content-Length: {length}")
                 tls.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
                 self._record(method, path, response.status, len(body), len(data))
             finally:
