@@ -27,6 +27,7 @@ import pytest
 
 from components.embedding_stats.options import EmbeddingStatsOptions, validate_options
 from pipelines import nightly, train
+from pipelines import report as report_entry
 from schemas import contract
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,6 +168,9 @@ out["local_sensor_checks"] = checks
 pod_task = rendered("train_kubernetes")
 pod = ApiClient().sanitize_for_serialization(pod_task.build_pod_request_obj(context(scheduled), dry_run=True))
 out["pod"] = pod
+report_task = rendered("report_kubernetes")
+out["report_pod"] = ApiClient().sanitize_for_serialization(
+    report_task.build_pod_request_obj(context(scheduled), dry_run=True))
 vertex = rendered("train_vertex_ai")
 out["vertex"] = {"custom_job": vertex.custom_job, "project_id": vertex.project_id, "region": vertex.region}
 out["train_local_command"] = list(rendered("train_local").op_args[0])
@@ -238,6 +242,7 @@ def test_dag_imports_with_both_paths_and_their_dependencies(dag_render):
         "wait_for_manifest_gcs": ["embedding_stats_dataflow"],
         "embedding_stats_local": ["choose_launch"],
         "wait_for_manifest_local": ["embedding_stats_local"],
+        "report_kubernetes": ["wait_for_manifest_gcs"],  # the Flex Template job writes no report
         "choose_trainer": ["wait_for_manifest_gcs", "wait_for_manifest_local"],
         "train_kubernetes": ["choose_trainer"],
         "train_vertex_ai": ["choose_trainer"],
@@ -247,7 +252,7 @@ def test_dag_imports_with_both_paths_and_their_dependencies(dag_render):
     assert types["embedding_stats_dataflow"] == "PartitionFlexTemplateOperator"  # the provider's, subclassed
     assert types["wait_for_manifest_gcs"] == "GCSObjectUpdateSensor"
     assert types["embedding_stats_local"] == "BeamRunPythonPipelineOperator"
-    assert types["train_kubernetes"] == "KubernetesPodOperator"
+    assert types["train_kubernetes"] == types["report_kubernetes"] == "KubernetesPodOperator"
     assert types["train_vertex_ai"] == "CreateCustomJobOperator"
     # The trainer branch runs after whichever path ran (the other is skipped, never failed).
     assert out["tasks"]["choose_trainer"]["trigger_rule"] == "none_failed_min_one_success"
@@ -261,10 +266,11 @@ def test_dag_imports_with_both_paths_and_their_dependencies(dag_render):
 def test_retries_are_airflows_and_long_tasks_wait_deferred(dag_render):
     tasks = dag_render["tasks"]
     assert all(task["retries"] >= 1 for task in tasks.values())
-    for task_id in ("embedding_stats_dataflow", "wait_for_manifest_gcs", "train_kubernetes", "train_vertex_ai"):
+    for task_id in ("embedding_stats_dataflow", "wait_for_manifest_gcs", "train_kubernetes", "train_vertex_ai",
+                    "report_kubernetes"):
         assert tasks[task_id]["deferrable"] is True, task_id  # no worker slot held while the job runs
     for task_id in ("embedding_stats_dataflow", "embedding_stats_local", "train_kubernetes", "train_vertex_ai",
-                    "train_local"):
+                    "train_local", "report_kubernetes"):
         assert tasks[task_id]["execution_timeout_s"], task_id
     # One attempt per try on the dev path: nightly's own retry loop is off.
     args, _ = nightly.parser().parse_known_args(dag_render["beam"]["command"][3:])
@@ -349,6 +355,20 @@ def test_trainer_pod_runs_the_trainer_image_on_gpus(dag_render):
     assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in pod["spec"]["tolerations"])
 
 
+def test_production_report_pod_reports_the_committed_output_with_history(dag_render):
+    """The Flex Template path's report: `tripletflow report` in the pipeline's image, once the manifest is there."""
+    pod = dag_render["report_pod"]
+    assert pod["metadata"]["namespace"] == "ml"
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == "europe-docker.pkg.dev/proj-x/img/tripletflow:1"  # TRIPLETFLOW_FLEX_IMAGE
+    assert container["command"] == ["tripletflow"] and container["args"][0] == "report"
+    parsed = report_entry.parser().parse_args(container["args"][1:])  # the real report CLI accepts them
+    assert parsed.output == EXPECTED_OUTPUT
+    # The same history as nightly's own report on the dev path: every earlier date partition.
+    assert parsed.history == nightly.history_root(ENV_DEFAULTS["TRIPLETFLOW_OUTPUT_TEMPLATE"]) == "gs://tf-bucket/out"
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})  # a report needs no GPU
+
+
 def test_trainer_vertex_ai_custom_job_spec(dag_render):
     vertex = dag_render["vertex"]
     assert (vertex["project_id"], vertex["region"]) == ("proj-x", "europe-west4")
@@ -397,7 +417,8 @@ def test_dev_path_runs_for_real_on_a_manual_trigger(tmp_path):
     assert out["tasks"] == {
         "choose_launch": "success", "embedding_stats_local": "success", "wait_for_manifest_local": "success",
         "choose_trainer": "success", "embedding_stats_dataflow": "skipped", "wait_for_manifest_gcs": "skipped",
-        "train_kubernetes": "skipped", "train_vertex_ai": "skipped", "train_local": "skipped"}
+        "report_kubernetes": "skipped", "train_kubernetes": "skipped", "train_vertex_ai": "skipped",
+        "train_local": "skipped"}
     published = tmp_path / "out" / f"date={EXPECTED_DATE}"
     manifest = json.loads((published / contract.MANIFEST_FILE).read_text())
     assert manifest["counts"]["records_in"] == EXAMPLES
@@ -405,6 +426,8 @@ def test_dev_path_runs_for_real_on_a_manual_trigger(tmp_path):
     examples = contract.listed_files(str(published), manifest, contract.EXAMPLES_DIR)
     assert pq.read_table(examples, partitioning=None).num_rows == EXAMPLES
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"date={EXPECTED_DATE}"]
+    # The dev path's report is nightly's own (the production path's is report_kubernetes).
+    assert (published / contract.REPORT_FILE).is_file()
 
 
 # ---------------------------------------------------------------------------

@@ -1,15 +1,18 @@
 """Airflow DAG `tripletflow_nightly`: EmbeddingStats for each day's partition, then the trainer on request.
 
     choose_launch (branch on param `launch`)
-      |- "flex_template" (production): embedding_stats_dataflow -> wait_for_manifest_gcs
+      |- "flex_template" (production): embedding_stats_dataflow -> wait_for_manifest_gcs -> report_kubernetes
       |     DataflowStartFlexTemplateOperator, deferrable: the Flex Template job is launched
       |     (job name `tripletflow-<YYYYMMDD>`), its id is Airflow's (XCom `job_id`, job link),
       |     and the triggerer tracks it to JOB_STATE_DONE; the sensor then waits (deferrable)
-      |     for the partition's MANIFEST.json to be updated after this DAG run started.
+      |     for the partition's MANIFEST.json to be updated after this DAG run started. The job
+      |     writes no report (its launcher is gone by then): a pod of the Flex Template image
+      |     runs `tripletflow report` on the committed output, earlier partitions as history.
       |- "beam_local" (dev): embedding_stats_local -> wait_for_manifest_local
       |     BeamRunPythonPipelineOperator: `python -m pipelines.nightly --date=<partition>
-      |     --attempts=1` on FnApiRunner in the pipeline's own environment, then the same
-      |     check on the local MANIFEST.json's modification time.
+      |     --attempts=1` on FnApiRunner in the pipeline's own environment (nightly writes the
+      |     report itself, history included), then the same check on the local MANIFEST.json's
+      |     modification time.
     choose_trainer (branch: nothing unless param `train`; else on param `trainer_backend`)
       |- "kubernetes": train_kubernetes   (KubernetesPodOperator: the trainer image, GPU limit)
       |- "vertex_ai":  train_vertex_ai    (CreateCustomJobOperator: a Vertex AI CustomJob, GPU)
@@ -70,6 +73,7 @@ RETRIES = 2  # per task: each try is one attempt (no retry loop inside a try)
 RETRY_DELAY = dt.timedelta(minutes=10)
 RUN_TIMEOUT = dt.timedelta(hours=6)  # one EmbeddingStats try
 TRAIN_TIMEOUT = dt.timedelta(hours=8)  # one training try
+REPORT_TIMEOUT = dt.timedelta(hours=1)  # one report try: reads the summary and tables, draws figures
 MANIFEST_WAIT = dt.timedelta(minutes=30)  # after the job is DONE its commit is there: a short wait
 MANIFEST_POKE_S = 60
 DATAFLOW_POLL_S = 60
@@ -98,6 +102,7 @@ def _env(name: str, default: str = "") -> str:
 # Deployment settings of the trainer (not per run: they follow the cluster's node pools and quotas).
 TRAINER_GPUS = int(_env("TRAINER_GPUS", "1"))
 TRAINER_CPU, TRAINER_MEMORY = _env("TRAINER_CPU", "8"), _env("TRAINER_MEMORY", "32Gi")
+REPORT_CPU, REPORT_MEMORY = _env("REPORT_CPU", "2"), _env("REPORT_MEMORY", "8Gi")  # the report pod (no GPU)
 K8S_SERVICE_ACCOUNT = _env("K8S_SERVICE_ACCOUNT") or None  # e.g. bound to a GCP one (Workload Identity)
 K8S_GPU_NODE_SELECTOR = json.loads(_env("K8S_NODE_SELECTOR", "{}"))  # e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}
 VERTEX_MACHINE_TYPE = _env("VERTEX_MACHINE_TYPE", "g2-standard-8")
@@ -161,6 +166,14 @@ def partition_path(template: str, date: str) -> str:
     return template.replace(DATE_PLACEHOLDER, date)
 
 
+def history_root(template: str) -> str:
+    """The folder of every date's partition: the template cut before its {date} segment.
+
+    pipelines/nightly.py history_root, the dev path's report history (Airflow cannot import it).
+    """
+    return template[: template.index(DATE_PLACEHOLDER)].rsplit("/", 1)[0]
+
+
 def gcs_bucket(uri: str) -> str:
     """gs://bucket/a/b -> bucket."""
     if not uri.startswith("gs://"):
@@ -176,7 +189,7 @@ def gcs_object(uri: str) -> str:
 
 # Macro names are prefixed: Airflow 3.3's context has its own `partition_date` (asset partitions).
 MACROS = {"tripletflow_partition": partition_date, "tripletflow_path": partition_path,
-          "gcs_bucket": gcs_bucket, "gcs_object": gcs_object}
+          "tripletflow_history": history_root, "gcs_bucket": gcs_bucket, "gcs_object": gcs_object}
 _PARTITION = "tripletflow_partition(params.partition_date, dag_run.data_interval_start, dag_run.run_after)"
 PARTITION = "{{ " + _PARTITION + " }}"
 JOB_NAME = JOB_NAME_PREFIX + "{{ " + _PARTITION + " | replace('-', '') }}"
@@ -190,6 +203,8 @@ def _for_partition(param: str, suffix: str = "") -> str:
 INPUT, OUTPUT, MODEL = _for_partition("input_template"), _for_partition("output_template"), _for_partition("model_template")
 MANIFEST = _for_partition("output_template", "/" + MANIFEST_FILE)
 TRAINER_ARGS = ["--stats", OUTPUT, "--output", MODEL]  # `tripletflow train` flags (the image's entrypoint)
+HISTORY = "{{ tripletflow_history(params.output_template) }}"
+REPORT_ARGS = ["report", "--output", OUTPUT, "--history", HISTORY]  # after `tripletflow`
 
 
 def trainer_command(python: str) -> list[str]:
@@ -335,6 +350,24 @@ with DAG(
         """Done once the local MANIFEST.json was written after this DAG run started."""
         return PokeReturnValue(is_done=manifest_committed_since(manifest, dag_run.start_date))
 
+    report_kubernetes = KubernetesPodOperator(
+        task_id="report_kubernetes",
+        name="tripletflow-report",
+        namespace="{{ params.k8s_namespace }}",
+        image="{{ params.flex_image }}",  # has tripletflow and its report stack; its entrypoint is Beam's boot
+        cmds=["tripletflow"],
+        arguments=REPORT_ARGS,
+        container_resources=k8s.V1ResourceRequirements(
+            requests={"cpu": REPORT_CPU, "memory": REPORT_MEMORY}, limits={"memory": REPORT_MEMORY}),
+        service_account_name=K8S_SERVICE_ACCOUNT,  # reads the output and writes report.html beside it
+        labels={"app": "tripletflow-report"},
+        deferrable=True,
+        get_logs=True,
+        on_finish_action="delete_pod",
+        startup_timeout_seconds=POD_STARTUP_TIMEOUT_S,
+        execution_timeout=REPORT_TIMEOUT,
+    )
+
     @task.branch(task_id="choose_trainer", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def choose_trainer(params=None) -> list[str]:
         """Nothing unless param `train`; else the trainer task of param `trainer_backend`."""
@@ -391,6 +424,6 @@ with DAG(
     launch = choose_launch()
     local_manifest = wait_for_manifest_local(MANIFEST)
     trainer = choose_trainer()
-    launch >> embedding_stats_dataflow >> wait_for_manifest_gcs >> trainer
+    launch >> embedding_stats_dataflow >> wait_for_manifest_gcs >> [trainer, report_kubernetes]
     launch >> embedding_stats_local >> local_manifest >> trainer
     trainer >> [train_kubernetes, train_vertex_ai, train_local(trainer_command(PIPELINE_PYTHON))]
