@@ -502,7 +502,8 @@ _COL_BITS = 0xFFFFFFFF  # low word of an order key
 
 
 def _order_key(dist, cols):
-    """int64 keys ordered like ``(dist, -cols)`` for ``dist >= +0``: float32 bits, high word; ``~col``, low word.
+    """int64 keys ordered like ``(dist, -cols)`` for ``dist >= +0`` (cols broadcast against dist): float32 bits,
+    high word; ``~col``, low word.
 
     Non-negative float32 values order like their bits as integers, so no sign fix-up is needed.
     One segment min / running min of these keys finds the nearest distance and, among exact
@@ -565,7 +566,7 @@ def _semi_hard_small_positives(signed, large, values, cols, count, margin):
     r = tf.searchsorted(values, signed, side="right")  # [m, n]
     ids = tf.where(large, r, width + 1) + (width + 2) * tf.range(rows)[:, None]
     dist = tf.bitcast(tf.bitwise.bitwise_and(tf.bitcast(signed, tf.int32), 0x7FFFFFFF), tf.float32)  # -signed >= +0
-    keys = _order_key(dist, tf.broadcast_to(tf.range(n), shape))
+    keys = _order_key(dist, tf.range(n))  # cols [n] broadcast: no [m, n] int64 column temporaries
     seg = tf.math.unsorted_segment_min(keys, ids, rows * (width + 2))
     best = _prefix_min(tf.reshape(seg, tf.stack([rows, width + 2]))[:, :width])  # empty: int64 max
     found = best < tf.int64.max
