@@ -74,12 +74,19 @@ def sample_input(tmp_path_factory) -> SampleInput:
     items = list(sample_data.sample_arrays(options))
     files = []
     for index, (name, gzip) in enumerate(SAMPLE_FILES.items()):
-        chunk = items[index::len(SAMPLE_FILES)]
-        files.append(write_tfrecords(os.path.join(directory, name),
-                                     (sample_data.to_example(*item) for item in chunk), gzip))
+        chunk = items[index :: len(SAMPLE_FILES)]
+        files.append(
+            write_tfrecords(os.path.join(directory, name), (sample_data.to_example(*item) for item in chunk), gzip)
+        )
     files.append(write_tfrecords(os.path.join(directory, BAD_FILE), bad_records(SAMPLE_GRID)))
-    return SampleInput(directory, os.path.join(directory, "part-*"), SAMPLE_GRID, sorted(files),
-                       [item[0] for item in items], dict(BAD_IDS))
+    return SampleInput(
+        directory,
+        os.path.join(directory, "part-*"),
+        SAMPLE_GRID,
+        sorted(files),
+        [item[0] for item in items],
+        dict(BAD_IDS),
+    )
 
 
 def run_stats(input_pattern: str, output_dir: str, grid: contract.GridSpec, *flags: str):
@@ -87,9 +94,22 @@ def run_stats(input_pattern: str, output_dir: str, grid: contract.GridSpec, *fla
     from components.embedding_stats.executor import execute
     from components.embedding_stats.options import EmbeddingStatsOptions
 
-    options = EmbeddingStatsOptions([
-        "--input", input_pattern, "--output", output_dir, "--grid", ",".join(map(str, grid.grid_shape)),
-        "--dim", str(grid.dim), "--runner", "FnApiRunner", "--no-report", *flags])
+    options = EmbeddingStatsOptions(
+        [
+            "--input",
+            input_pattern,
+            "--output",
+            output_dir,
+            "--grid",
+            ",".join(map(str, grid.grid_shape)),
+            "--dim",
+            str(grid.dim),
+            "--runner",
+            "FnApiRunner",
+            "--no-report",
+            *flags,
+        ]
+    )
     return options, execute(options)
 
 

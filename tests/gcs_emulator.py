@@ -31,8 +31,14 @@ STOP_TIMEOUT_S = 5.0
 PORT_ATTEMPTS = 3  # a free port found by bind(0) can be taken before the emulator binds it
 PROJECT = "tripletflow-test"
 # google-auth loads this without network; the far-future expiry keeps it from ever refreshing.
-FAKE_CREDENTIALS = {"type": "authorized_user", "client_id": "emulator", "client_secret": "emulator",
-                    "refresh_token": "emulator", "token": "emulator", "expiry": "2999-01-01T00:00:00Z"}
+FAKE_CREDENTIALS = {
+    "type": "authorized_user",
+    "client_id": "emulator",
+    "client_secret": "emulator",
+    "refresh_token": "emulator",
+    "token": "emulator",
+    "expiry": "2999-01-01T00:00:00Z",
+}
 
 
 class EmulatorError(RuntimeError):
@@ -74,9 +80,23 @@ class GcsEmulator:
             log_path = os.path.join(self._tmpdir, f"emulator-{port}.log")
             with open(log_path, "wb") as log:
                 self._process = subprocess.Popen(
-                    [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", HOST, "--port", str(port),
-                     "--in-memory", "--default-bucket", self.bucket],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                    [
+                        sys.executable,
+                        "-m",
+                        "gcp_storage_emulator",
+                        "start",
+                        "--host",
+                        HOST,
+                        "--port",
+                        str(port),
+                        "--in-memory",
+                        "--default-bucket",
+                        self.bucket,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             self.url = f"http://{HOST}:{port}"
             self.log_path = log_path
             if self._wait_ready():
@@ -107,8 +127,11 @@ class GcsEmulator:
         credentials = os.path.join(self._tmpdir, "credentials.json")
         with open(credentials, "w") as handle:
             json.dump(FAKE_CREDENTIALS, handle)
-        self.env = {"STORAGE_EMULATOR_HOST": self.url, "GOOGLE_APPLICATION_CREDENTIALS": credentials,
-                    "GOOGLE_CLOUD_PROJECT": PROJECT}
+        self.env = {
+            "STORAGE_EMULATOR_HOST": self.url,
+            "GOOGLE_APPLICATION_CREDENTIALS": credentials,
+            "GOOGLE_CLOUD_PROJECT": PROJECT,
+        }
         for name, value in self.env.items():
             self._saved_env[name] = os.environ.get(name)
             os.environ[name] = value

@@ -29,8 +29,18 @@ import urllib.parse
 
 HOSTS = ("www.googleapis.com", "storage.googleapis.com")
 GOOGLE_BASE = "https://www.googleapis.com"
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
-              "expect", "content-length", "host"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "content-length",
+    "host",
+}
 UPSTREAM_TIMEOUT_S = 60
 START_TIMEOUT_S = 20.0  # certificates, bind, report the port
 STOP_TIMEOUT_S = 5.0
@@ -48,25 +58,44 @@ def _certificates(directory: str) -> tuple[str, str, str]:
     start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=CERT_DAYS)
     ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tripletflow test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOSTS[0])]))
-            .issuer_name(ca_name).public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in HOSTS]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOSTS[0])]))
+        .issuer_name(ca_name)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in HOSTS]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     paths = [os.path.join(directory, name) for name in ("ca.pem", "leaf.pem", "leaf.key")]
-    for path, data in zip(paths, (ca.public_bytes(serialization.Encoding.PEM),
-                                  leaf.public_bytes(serialization.Encoding.PEM),
-                                  leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))):
+    for path, data in zip(
+        paths,
+        (
+            ca.public_bytes(serialization.Encoding.PEM),
+            leaf.public_bytes(serialization.Encoding.PEM),
+            leaf_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        ),
+    ):
         with open(path, "wb") as f:
             f.write(data)
     return paths[0], paths[1], paths[2]
@@ -106,9 +135,11 @@ def _as_multipart(path: str, head):
     """
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
     metadata = json.dumps({"name": query["name"][0]})
-    body = (f"--{MULTIPART_BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{metadata}\r\n"
-            f"--{MULTIPART_BOUNDARY}\r\nContent-Type: application/octet-stream\r\n\r\n\r\n"
-            f"--{MULTIPART_BOUNDARY}--\r\n").encode()
+    body = (
+        f"--{MULTIPART_BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{metadata}\r\n"
+        f"--{MULTIPART_BOUNDARY}\r\nContent-Type: application/octet-stream\r\n\r\n\r\n"
+        f"--{MULTIPART_BOUNDARY}--\r\n"
+    ).encode()
     headers = [(n, v) for n, v in head[1] if n.lower() != "content-type"]
     headers.append(("Content-Type", f"multipart/related; boundary={MULTIPART_BOUNDARY}"))
     return path.replace("uploadType=media", "uploadType=multipart"), body, (head[0], headers)
@@ -131,8 +162,9 @@ def _storage_layout(method: str, path: str) -> bytes | None:
     if match is None:
         return None
     bucket = urllib.parse.unquote(match.group(1))
-    return json.dumps({"kind": "storage#storageLayout", "bucket": bucket, "location": "US",
-                       "locationType": "multi-region"}).encode()
+    return json.dumps(
+        {"kind": "storage#storageLayout", "bucket": bucket, "location": "US", "locationType": "multi-region"}
+    ).encode()
 
 
 class _Server:
@@ -189,8 +221,11 @@ class _Server:
                 tls.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = _read_body(reader, headers)
             if (layout := _storage_layout(method, path)) is not None:
-                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=UTF-8\r\n"
-                            + f"Content-Length: {len(layout)}\r\n\r\n".encode() + layout)
+                tls.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=UTF-8\r\n"
+                    + f"Content-Length: {len(layout)}\r\n\r\n".encode()
+                    + layout
+                )
                 self._record(method, path, 200, len(body), len(layout))
                 continue
             if method == "POST" and not body and "uploadType=media" in path:
@@ -198,8 +233,9 @@ class _Server:
             upstream = http.client.HTTPConnection(self._host, self._port, timeout=UPSTREAM_TIMEOUT_S)
             try:
                 forwarded = {name: value for name, value in head[1] if name.lower() not in HOP_BY_HOP}
-                upstream.request(method, path, body=body if body or method in ("POST", "PUT", "PATCH") else None,
-                                 headers=forwarded)
+                upstream.request(
+                    method, path, body=body if body or method in ("POST", "PUT", "PATCH") else None, headers=forwarded
+                )
                 response = upstream.getresponse()
                 data = b"" if method == "HEAD" else response.read()
                 lines = [f"HTTP/1.1 {response.status} {response.reason}"]
@@ -245,10 +281,15 @@ class TfGcsProxy:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"HTTPS_PROXY": self.url, "https_proxy": self.url, "CURL_CA_BUNDLE": self.ca_path,
-                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorFlow's own offline token
-                "NO_GCE_CHECK": "True"}
+        return {
+            "HTTPS_PROXY": self.url,
+            "https_proxy": self.url,
+            "CURL_CA_BUNDLE": self.ca_path,
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorFlow's own offline token
+            "NO_GCE_CHECK": "True",
+        }
 
     def close(self) -> None:
         """Stops the proxy process and removes its certificates."""

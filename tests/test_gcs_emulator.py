@@ -38,8 +38,12 @@ def sizes(pattern: str) -> dict[str, int]:
 def test_filesystems_round_trip(gcs_bucket):
     root = unique_root(gcs_bucket)
     rng = np.random.default_rng(0)
-    files = {f"{root}/run/a.txt": b"hello gcs", f"{root}/run/sub/big.bin": rng.bytes(BIG_BYTES),
-             f"{root}/run/sub/deeper/c.txt": b"", f"{root}/keep/x.txt": b"sibling"}
+    files = {
+        f"{root}/run/a.txt": b"hello gcs",
+        f"{root}/run/sub/big.bin": rng.bytes(BIG_BYTES),
+        f"{root}/run/sub/deeper/c.txt": b"",
+        f"{root}/keep/x.txt": b"sibling",
+    }
     for path, data in files.items():
         write(path, data)
 
@@ -52,7 +56,10 @@ def test_filesystems_round_trip(gcs_bucket):
             assert handle.read() == data, path
     with FileSystems.open(f"{root}/run/sub/big.bin") as handle:  # ranged read across the chunk boundary
         handle.seek(BEAM_UPLOAD_CHUNK_BYTES - 2)
-        assert handle.read(4) == files[f"{root}/run/sub/big.bin"][BEAM_UPLOAD_CHUNK_BYTES - 2:BEAM_UPLOAD_CHUNK_BYTES + 1]
+        assert (
+            handle.read(4)
+            == files[f"{root}/run/sub/big.bin"][BEAM_UPLOAD_CHUNK_BYTES - 2 : BEAM_UPLOAD_CHUNK_BYTES + 1]
+        )
 
     FileSystems.rename([f"{root}/run/a.txt"], [f"{root}/moved/a.txt"])
     assert not FileSystems.exists(f"{root}/run/a.txt")
@@ -72,7 +79,8 @@ def test_pipeline_writes_and_reads_gs_shards(gcs_bucket):
         _ = pipeline | beam.Create(lines) | beam.io.WriteToText(f"{root}/out/part", num_shards=PIPELINE_SHARDS)
     shards = sizes(f"{root}/out/part-*")
     assert sorted(os.path.basename(p) for p in shards) == [
-        f"part-{i:05d}-of-{PIPELINE_SHARDS:05d}" for i in range(PIPELINE_SHARDS)]
+        f"part-{i:05d}-of-{PIPELINE_SHARDS:05d}" for i in range(PIPELINE_SHARDS)
+    ]
     assert sum(shards.values()) == sum(len(line) + 1 for line in lines)  # one '\n' per line
     leftovers = [path for path in sizes(f"{root}/**") if "beam-temp" in path]
     assert leftovers == []  # finalize renamed the temp shards and removed their directory

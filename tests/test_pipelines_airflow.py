@@ -92,7 +92,7 @@ module = next(m for m in list(sys.modules.values()) if getattr(m, "__file__", No
 out["catchup"], out["max_active_runs"] = dag.catchup, dag.max_active_runs
 out["tasks"] = {t.task_id: {"upstream": sorted(t.upstream_task_ids), "retries": t.retries, "type": type(t).__name__,
                             "deferrable": getattr(t, "deferrable", None),
-                            "trigger_rule": str(t.trigger_rule.value if hasattr(t.trigger_rule, "value") else t.trigger_rule),
+                            "trigger_rule": str(getattr(t.trigger_rule, "value", t.trigger_rule)),
                             "execution_timeout_s": t.execution_timeout.total_seconds() if t.execution_timeout else None}
                 for t in dag.tasks}
 params = {name: dag.params[name] for name in dag.params}
@@ -208,10 +208,14 @@ def _require_airflow():
 
 def _airflow_env(home: Path, extra: dict) -> dict:
     home.mkdir(exist_ok=True)
-    return {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__DAGS_FOLDER": str(DAG_FOLDER),
-            "TRIPLETFLOW_PYTHON": sys.executable,  # the pipeline's environment: this test's venv
-            **extra}
+    return {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAG_FOLDER),
+        "TRIPLETFLOW_PYTHON": sys.executable,  # the pipeline's environment: this test's venv
+        **extra,
+    }
 
 
 def _last_json_line(done) -> dict:
@@ -224,10 +228,24 @@ def dag_render(tmp_path_factory):
     _require_airflow()
     tmp = tmp_path_factory.mktemp("airflow_render")
     done = subprocess.run(
-        [str(AIRFLOW_PYTHON), "-c", CHECK_SCRIPT, str(DAG_FOLDER), DAG_ID, AFTER.isoformat(), MANUAL_AT.isoformat(),
-         MANUAL_BEFORE_CUTOFF.isoformat(), OVERRIDE_DATE, DAG_RUN_START.isoformat()],
-        cwd=tmp, env=_airflow_env(tmp / "home", ENV_DEFAULTS), capture_output=True, text=True,
-        timeout=SUBPROCESS_TIMEOUT_S)
+        [
+            str(AIRFLOW_PYTHON),
+            "-c",
+            CHECK_SCRIPT,
+            str(DAG_FOLDER),
+            DAG_ID,
+            AFTER.isoformat(),
+            MANUAL_AT.isoformat(),
+            MANUAL_BEFORE_CUTOFF.isoformat(),
+            OVERRIDE_DATE,
+            DAG_RUN_START.isoformat(),
+        ],
+        cwd=tmp,
+        env=_airflow_env(tmp / "home", ENV_DEFAULTS),
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
     return _last_json_line(done)
 
 
@@ -258,19 +276,34 @@ def test_dag_imports_with_both_paths_and_their_dependencies(dag_render):
     assert out["tasks"]["choose_trainer"]["trigger_rule"] == "none_failed_min_one_success"
     # The branches pick the tasks named by the params.
     assert out["choose_launch"] == {"flex_template": "embedding_stats_dataflow", "beam_local": "embedding_stats_local"}
-    assert out["choose_trainer"] == {"off": [], "kubernetes": ["train_kubernetes"], "vertex_ai": ["train_vertex_ai"],
-                                     "local": ["train_local"]}
+    assert out["choose_trainer"] == {
+        "off": [],
+        "kubernetes": ["train_kubernetes"],
+        "vertex_ai": ["train_vertex_ai"],
+        "local": ["train_local"],
+    }
     assert out["catchup"] is False and out["max_active_runs"] == 1
 
 
 def test_retries_are_airflows_and_long_tasks_wait_deferred(dag_render):
     tasks = dag_render["tasks"]
     assert all(task["retries"] >= 1 for task in tasks.values())
-    for task_id in ("embedding_stats_dataflow", "wait_for_manifest_gcs", "train_kubernetes", "train_vertex_ai",
-                    "report_kubernetes"):
+    for task_id in (
+        "embedding_stats_dataflow",
+        "wait_for_manifest_gcs",
+        "train_kubernetes",
+        "train_vertex_ai",
+        "report_kubernetes",
+    ):
         assert tasks[task_id]["deferrable"] is True, task_id  # no worker slot held while the job runs
-    for task_id in ("embedding_stats_dataflow", "embedding_stats_local", "train_kubernetes", "train_vertex_ai",
-                    "train_local", "report_kubernetes"):
+    for task_id in (
+        "embedding_stats_dataflow",
+        "embedding_stats_local",
+        "train_kubernetes",
+        "train_vertex_ai",
+        "train_local",
+        "report_kubernetes",
+    ):
         assert tasks[task_id]["execution_timeout_s"], task_id
     # One attempt per try on the dev path: nightly's own retry loop is off.
     args, _ = nightly.parser().parse_known_args(dag_render["beam"]["command"][3:])
@@ -282,7 +315,10 @@ def test_partition_date_for_scheduled_runs_and_manual_triggers(dag_render):
     assert out["run_after"] == EXPECTED_RUN_AFTER
     # Airflow 3.3 gives a manual trigger a data interval only when it has a logical date.
     assert out["has_interval"] == {"manual_logical": True, "manual_no_logical": False, "manual_before_cutoff": False}
-    nodash = lambda date: "tripletflow-" + date.replace("-", "")
+
+    def nodash(date):
+        return "tripletflow-" + date.replace("-", "")
+
     assert out["job_names"] == {
         "scheduled": nodash(EXPECTED_DATE),
         "manual_logical": nodash(EXPECTED_DATE),
@@ -298,8 +334,12 @@ def test_flex_template_launch_body_is_the_templates_parameters_for_the_date(dag_
     launch = flex["body"]["launchParameter"]
     assert launch["jobName"] == "tripletflow-20240501"
     assert launch["containerSpecGcsPath"] == "gs://tf-bucket/templates/tripletflow.json"
-    assert launch["parameters"] == {"input": EXPECTED_INPUT, "output": EXPECTED_OUTPUT, "grid": "2,13,13,5",
-                                    "dim": "100"}  # distance and margin left to the template's defaults
+    assert launch["parameters"] == {
+        "input": EXPECTED_INPUT,
+        "output": EXPECTED_OUTPUT,
+        "grid": "2,13,13,5",
+        "dim": "100",
+    }  # distance and margin left to the template's defaults
     environment = launch["environment"]
     assert environment["tempLocation"] == "gs://tf-bucket/tmp"
     assert environment["sdkContainerImage"] == "europe-docker.pkg.dev/proj-x/img/tripletflow:1"
@@ -316,7 +356,9 @@ def test_flex_template_launch_body_is_the_templates_parameters_for_the_date(dag_
         assert validate_options(options) == contract.GridSpec(2, 13, 13, 5, dim=100)
     overridden = EmbeddingStatsOptions([f"--{k}={v}" for k, v in dag_render["flex_overridden_parameters"].items()])
     assert (overridden.view_as(EmbeddingStatsOptions).distance, overridden.view_as(EmbeddingStatsOptions).margin) == (
-        "cosine", 0.35)
+        "cosine",
+        0.35,
+    )
 
 
 def test_flex_template_keeps_one_job_per_partition(dag_render):
@@ -390,7 +432,9 @@ def test_dev_path_commands_parse_with_the_real_clis(dag_render):
     args, passthrough = nightly.parser().parse_known_args(command[3:])
     assert args.date == datetime.date.fromisoformat(EXPECTED_DATE)
     assert nightly.partition_paths(args.input_template, args.output_template, args.date) == (
-        EXPECTED_INPUT, EXPECTED_OUTPUT)
+        EXPECTED_INPUT,
+        EXPECTED_OUTPUT,
+    )
     assert "--runner=FnApiRunner" in passthrough and "--grid=2,13,13,5" in passthrough
     local = dag_render["train_local_command"]
     assert local[:4] == [sys.executable, "-m", "pipelines.cli", "train"]
@@ -405,20 +449,41 @@ def test_dev_path_runs_for_real_on_a_manual_trigger(tmp_path):
 
     sample_data.generate(  # input only for the expected partition: any other date has nothing to read
         str(tmp_path / "in" / f"date={EXPECTED_DATE}"),
-        sample_data.SampleOptions(examples=EXAMPLES, shards=2, grid=contract.GridSpec.parse(GRID, DIM)))
-    conf = {"launch": "beam_local", "input_template": str(tmp_path / "in" / "date={date}" / "*"),
-            "output_template": str(tmp_path / "out" / "date={date}"), "grid": GRID, "dim": DIM, "train": False}
+        sample_data.SampleOptions(examples=EXAMPLES, shards=2, grid=contract.GridSpec.parse(GRID, DIM)),
+    )
+    conf = {
+        "launch": "beam_local",
+        "input_template": str(tmp_path / "in" / "date={date}" / "*"),
+        "output_template": str(tmp_path / "out" / "date={date}"),
+        "grid": GRID,
+        "dim": DIM,
+        "train": False,
+    }
     env = _airflow_env(tmp_path / "home", {"TF_CPP_MIN_LOG_LEVEL": "2"})
-    out = _last_json_line(subprocess.run(
-        [str(AIRFLOW_PYTHON), "-c", RUN_SCRIPT, str(DAG_FOLDER), DAG_ID, MANUAL_AT.isoformat(), json.dumps(conf)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S))
+    out = _last_json_line(
+        subprocess.run(
+            [str(AIRFLOW_PYTHON), "-c", RUN_SCRIPT, str(DAG_FOLDER), DAG_ID, MANUAL_AT.isoformat(), json.dumps(conf)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=SUBPROCESS_TIMEOUT_S,
+        )
+    )
     assert out["state"] == "success", out
     assert out["data_interval_start"] == "None"  # Airflow gave this run no data interval
     assert out["tasks"] == {
-        "choose_launch": "success", "embedding_stats_local": "success", "wait_for_manifest_local": "success",
-        "choose_trainer": "success", "embedding_stats_dataflow": "skipped", "wait_for_manifest_gcs": "skipped",
-        "report_kubernetes": "skipped", "train_kubernetes": "skipped", "train_vertex_ai": "skipped",
-        "train_local": "skipped"}
+        "choose_launch": "success",
+        "embedding_stats_local": "success",
+        "wait_for_manifest_local": "success",
+        "choose_trainer": "success",
+        "embedding_stats_dataflow": "skipped",
+        "wait_for_manifest_gcs": "skipped",
+        "report_kubernetes": "skipped",
+        "train_kubernetes": "skipped",
+        "train_vertex_ai": "skipped",
+        "train_local": "skipped",
+    }
     published = tmp_path / "out" / f"date={EXPECTED_DATE}"
     manifest = json.loads((published / contract.MANIFEST_FILE).read_text())
     assert manifest["counts"]["records_in"] == EXAMPLES
@@ -451,4 +516,4 @@ def test_trainer_dockerfile_installs_the_cuda_build_of_the_pinned_tensorflow():
         assert any(needed in sources.split() for sources, _ in copies), f"{needed} is not copied"
     assert re.search(rf"^RUN pip install .*{re.escape(workdir)}$", text, re.M)  # tripletflow from the repo
     assert re.search(r'^ENTRYPOINT \["tripletflow", "train"\]$', text, re.M)
-    assert "tripletflow = \"pipelines.cli:main\"" in pyproject  # the entrypoint's console script
+    assert 'tripletflow = "pipelines.cli:main"' in pyproject  # the entrypoint's console script

@@ -58,15 +58,17 @@ def tf_gcs(gcs_emulator):
 
 def upload(local: str, remote: str) -> None:
     """Copies a file to gs:// byte for byte through Beam's FileSystems (no compression by name: *.gz too)."""
-    with open(local, "rb") as source, \
-            FileSystems.create(remote, compression_type=CompressionTypes.UNCOMPRESSED) as target:
+    with (
+        open(local, "rb") as source,
+        FileSystems.create(remote, compression_type=CompressionTypes.UNCOMPRESSED) as target,
+    ):
         target.write(source.read())
 
 
 def objects(prefix: str) -> dict[str, int]:
     """Every object under `prefix`, relative to it, with its size (bytes); directory markers end with /."""
     found = FileSystems.match([f"{prefix}/**"])[0].metadata_list
-    return {m.path[len(prefix) + 1:]: m.size_in_bytes for m in found}
+    return {m.path[len(prefix) + 1 :]: m.size_in_bytes for m in found}
 
 
 def requests_between(emulator, start: int, end: int | None = None) -> list[str]:
@@ -88,8 +90,10 @@ def download_committed(output: str, local) -> str:
     for relative in [contract.MANIFEST_FILE, *(entry["path"] for entry in manifest["files"])]:
         target = os.path.join(local, relative)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        with FileSystems.open(f"{output}/{relative}", compression_type=CompressionTypes.UNCOMPRESSED) as f, \
-                open(target, "wb") as out:
+        with (
+            FileSystems.open(f"{output}/{relative}", compression_type=CompressionTypes.UNCOMPRESSED) as f,
+            open(target, "wb") as out,
+        ):
             out.write(f.read())
     return str(local)
 
@@ -103,8 +107,9 @@ def assert_lists_exactly_its_run(output: str, manifest: dict) -> None:
     others = set(found) - set(listed) - {contract.MANIFEST_FILE}
     # tf.io.gfile's empty "dir/" objects: the output's, runs/ and those inside the committed run.
     allowed = ("", f"{contract.RUNS_DIR}/")
-    assert all(path in allowed or (path.endswith("/") and path.startswith(f"{manifest['run_dir']}/"))
-               for path in others), sorted(others)
+    assert all(
+        path in allowed or (path.endswith("/") and path.startswith(f"{manifest['run_dir']}/")) for path in others
+    ), sorted(others)
     assert all(found[path] == 0 for path in others)
 
 
@@ -136,11 +141,13 @@ def test_embedding_stats_reads_gs_input_like_local_input(stats_run, tf_gcs, tmp_
     assert embedding_stats.run(["--input", f"{prefix}/part-*", "--output", str(output), *flags]) == 0
     assert_same_outputs(output, stats_run.output_dir)
     assert sorted(ref.manifest(output)["input_files"]) == sorted(
-        f"{prefix}/{os.path.basename(p)}" for p in stats_run.input.files)
+        f"{prefix}/{os.path.basename(p)}" for p in stats_run.input.files
+    )
 
 
 def test_the_pipeline_writing_gs_commits_survives_a_kill_replaces_its_run_and_feeds_the_trainer(
-        stats_run, tf_gcs, tmp_path, monkeypatch):
+    stats_run, tf_gcs, tmp_path, monkeypatch
+):
     output = f"{tf_gcs.root}/pipeline-{tmp_path.name}/date=2024-05-01"
     flags = [*stats_flags(stats_run), "--output", output]
 
@@ -154,13 +161,22 @@ def test_the_pipeline_writing_gs_commits_survives_a_kill_replaces_its_run_and_fe
     # A run killed before its commit (launcher and worker are one process here, dead in the pair
     # statistics): the previous manifest and its files stay current and readable.
     marker = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", *flags], capture_output=True, text=True,
-                            env=beam_services.venv_env(beam_services.kill_worker_once_env(marker)),
-                            timeout=RUN_TIMEOUT_S)
+    killed = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "run", *flags],
+        capture_output=True,
+        text=True,
+        env=beam_services.venv_env(beam_services.kill_worker_once_env(marker)),
+        timeout=RUN_TIMEOUT_S,
+    )
     assert marker.exists() and killed.returncode == KILLED_WORKER_EXIT_CODE, killed.stderr[-2000:]
     assert gs_manifest(output) == first
-    leftovers = {path for path in objects(output) if path.startswith(f"{contract.RUNS_DIR}/")
-                 and not path.startswith(f"{first['run_dir']}/") and path != f"{contract.RUNS_DIR}/"}
+    leftovers = {
+        path
+        for path in objects(output)
+        if path.startswith(f"{contract.RUNS_DIR}/")
+        and not path.startswith(f"{first['run_dir']}/")
+        and path != f"{contract.RUNS_DIR}/"
+    }
     assert leftovers, "the killed run left nothing: the clean-up below would prove nothing"
     assert_same_outputs(download_committed(output, tmp_path / "after_kill"), stats_run.output_dir)
 

@@ -39,11 +39,13 @@ BOX_CACHE_DIR = ".box_cache"  # the analysis pass's box batches, replayed by the
 SCRATCH_DIRS = (TFT_TEMP_DIR, BOX_CACHE_DIR)  # deleted before the commit: never part of a run
 # A commit retried this often because other runs kept committing in between gives up (CommitError).
 MAX_COMMIT_ATTEMPTS = 8
-VERSIONED_PACKAGES = ("tripletflow", "apache-beam", "tensorflow", "tensorflow-transform", "tfx-bsl",
-                      "pyarrow", "numpy")
+VERSIONED_PACKAGES = ("tripletflow", "apache-beam", "tensorflow", "tensorflow-transform", "tfx-bsl", "pyarrow", "numpy")
 # Tables whose row count must equal a count of the summary before a run may commit.
-COUNTED_TABLES = {contract.VECTORS_DIR: "valid_boxes", contract.EXAMPLES_DIR: "records_good",
-                  contract.DEAD_LETTER_DIR: "records_rejected"}
+COUNTED_TABLES = {
+    contract.VECTORS_DIR: "valid_boxes",
+    contract.EXAMPLES_DIR: "records_good",
+    contract.DEAD_LETTER_DIR: "records_rejected",
+}
 
 _LOG = logging.getLogger(__name__)
 
@@ -215,8 +217,10 @@ def delete_replaced(run: RunInfo) -> None:
 
 def _refuse_if_superseded(run: RunInfo, manifest: dict | None) -> None:
     if manifest and manifest.get("run_id", "") > run.run_id:
-        raise CommitError(f"run {run.run_id} was superseded by run {manifest['run_id']}, which started later "
-                          "and has committed: nothing published")
+        raise CommitError(
+            f"run {run.run_id} was superseded by run {manifest['run_id']}, which started later "
+            "and has committed: nothing published"
+        )
 
 
 def commit(_, run: RunInfo, summary: dict, *written) -> dict:
@@ -260,6 +264,11 @@ class CommitRun(beam.PTransform):
 
     def expand(self, inputs):
         summary, *written = inputs
-        return (summary.pipeline | "One" >> beam.Create([None])
-                | "Commit" >> beam.Map(commit, self._run, beam.pvalue.AsSingleton(summary),
-                                       *[beam.pvalue.AsList(pcoll) for pcoll in written]))
+        return (
+            summary.pipeline
+            | "One" >> beam.Create([None])
+            | "Commit"
+            >> beam.Map(
+                commit, self._run, beam.pvalue.AsSingleton(summary), *[beam.pvalue.AsList(pcoll) for pcoll in written]
+            )
+        )

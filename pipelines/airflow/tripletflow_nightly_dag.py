@@ -54,8 +54,6 @@ import os
 import subprocess
 from pathlib import Path
 
-from kubernetes.client import models as k8s
-
 from airflow.providers.apache.beam.operators.beam import BeamRunPythonPipelineOperator
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.google.cloud.hooks.dataflow import DataflowHook
@@ -64,6 +62,7 @@ from airflow.providers.google.cloud.operators.vertex_ai.custom_job import Create
 from airflow.providers.google.cloud.sensors.gcs import GCSObjectUpdateSensor
 from airflow.sdk import DAG, Param, PokeReturnValue, TriggerRule, task
 from airflow.timetables.interval import CronDataIntervalTimetable
+from kubernetes.client import models as k8s
 
 DAG_ID = "tripletflow_nightly"
 CRON = "0 3 * * *"  # 03:00 UTC daily, when yesterday's partition is complete
@@ -104,44 +103,76 @@ TRAINER_GPUS = int(_env("TRAINER_GPUS", "1"))
 TRAINER_CPU, TRAINER_MEMORY = _env("TRAINER_CPU", "8"), _env("TRAINER_MEMORY", "32Gi")
 REPORT_CPU, REPORT_MEMORY = _env("REPORT_CPU", "2"), _env("REPORT_MEMORY", "8Gi")  # the report pod (no GPU)
 K8S_SERVICE_ACCOUNT = _env("K8S_SERVICE_ACCOUNT") or None  # e.g. bound to a GCP one (Workload Identity)
-K8S_GPU_NODE_SELECTOR = json.loads(_env("K8S_NODE_SELECTOR", "{}"))  # e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+K8S_GPU_NODE_SELECTOR = json.loads(
+    _env("K8S_NODE_SELECTOR", "{}")
+)  # e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}
 VERTEX_MACHINE_TYPE = _env("VERTEX_MACHINE_TYPE", "g2-standard-8")
 VERTEX_ACCELERATOR_TYPE = _env("VERTEX_ACCELERATOR_TYPE", "NVIDIA_L4")
 VERTEX_SERVICE_ACCOUNT = _env("VERTEX_SERVICE_ACCOUNT")
 
 PARAMS = {
-    "launch": Param(_env("LAUNCH", LAUNCH_FLEX_TEMPLATE), enum=[LAUNCH_FLEX_TEMPLATE, LAUNCH_BEAM_LOCAL],
-                    description="flex_template: the Dataflow Flex Template (production); "
-                                "beam_local: Beam's local runner on the Airflow worker (dev)"),
-    "partition_date": Param("", type="string", pattern=r"^(\d{4}-\d{2}-\d{2})?$",
-                            description="YYYY-MM-DD to (re)run that partition; empty: from the data interval"),
+    "launch": Param(
+        _env("LAUNCH", LAUNCH_FLEX_TEMPLATE),
+        enum=[LAUNCH_FLEX_TEMPLATE, LAUNCH_BEAM_LOCAL],
+        description="flex_template: the Dataflow Flex Template (production); "
+        "beam_local: Beam's local runner on the Airflow worker (dev)",
+    ),
+    "partition_date": Param(
+        "",
+        type="string",
+        pattern=r"^(\d{4}-\d{2}-\d{2})?$",
+        description="YYYY-MM-DD to (re)run that partition; empty: from the data interval",
+    ),
     "project": Param(_env("GCP_PROJECT", "my-gcp-project"), type="string", description="GCP project of the jobs"),
     "region": Param(_env("GCP_REGION", "us-central1"), type="string", description="Dataflow and Vertex AI region"),
-    "temp_location": Param(_env("TEMP_LOCATION", "gs://my-bucket/tmp"), type="string",
-                           description="gs:// path for Dataflow's temporary files"),
-    "template_path": Param(_env("FLEX_TEMPLATE", "gs://my-bucket/templates/tripletflow.json"), type="string",
-                           description="gs:// path of the Flex Template spec (gcloud dataflow flex-template build)"),
-    "flex_image": Param(_env("FLEX_IMAGE", "us-central1-docker.pkg.dev/my-gcp-project/tripletflow/tripletflow:0.1.0"),
-                        type="string", description="the Flex Template image, also the workers' SDK container"),
-    "input_template": Param(_env("INPUT_TEMPLATE", "gs://my-bucket/in/date={date}/*"), type="string",
-                            description="input glob; {date} becomes the partition date (YYYY-MM-DD)"),
-    "output_template": Param(_env("OUTPUT_TEMPLATE", "gs://my-bucket/out/date={date}"), type="string",
-                             description="output directory; {date} becomes the partition date"),
-    "model_template": Param(_env("MODEL_TEMPLATE", "gs://my-bucket/models/date={date}"), type="string",
-                            description="trainer output directory; {date} becomes the partition date"),
+    "temp_location": Param(
+        _env("TEMP_LOCATION", "gs://my-bucket/tmp"),
+        type="string",
+        description="gs:// path for Dataflow's temporary files",
+    ),
+    "template_path": Param(
+        _env("FLEX_TEMPLATE", "gs://my-bucket/templates/tripletflow.json"),
+        type="string",
+        description="gs:// path of the Flex Template spec (gcloud dataflow flex-template build)",
+    ),
+    "flex_image": Param(
+        _env("FLEX_IMAGE", "us-central1-docker.pkg.dev/my-gcp-project/tripletflow/tripletflow:0.1.0"),
+        type="string",
+        description="the Flex Template image, also the workers' SDK container",
+    ),
+    "input_template": Param(
+        _env("INPUT_TEMPLATE", "gs://my-bucket/in/date={date}/*"),
+        type="string",
+        description="input glob; {date} becomes the partition date (YYYY-MM-DD)",
+    ),
+    "output_template": Param(
+        _env("OUTPUT_TEMPLATE", "gs://my-bucket/out/date={date}"),
+        type="string",
+        description="output directory; {date} becomes the partition date",
+    ),
+    "model_template": Param(
+        _env("MODEL_TEMPLATE", "gs://my-bucket/models/date={date}"),
+        type="string",
+        description="trainer output directory; {date} becomes the partition date",
+    ),
     "grid": Param(_env("GRID", "2,13,13,5"), type="string", description="grid L,H,W,A"),
     "dim": Param(int(_env("DIM", "100")), type="integer", description="floats per box"),
     "distance": Param(_env("DISTANCE"), type="string", description="euclidean|squared|cosine; empty: the default"),
     "margin": Param(_env("MARGIN"), type="string", description="triplet margin; empty: the default"),
     "train": Param(False, type="boolean", description="train a head on the day's outputs after EmbeddingStats"),
-    "trainer_backend": Param(_env("TRAINER_BACKEND", TRAIN_KUBERNETES),
-                             enum=[TRAIN_KUBERNETES, TRAIN_VERTEX_AI, TRAIN_LOCAL],
-                             description="kubernetes: a GPU pod; vertex_ai: a Vertex AI CustomJob; "
-                                         "local: on the Airflow worker (dev)"),
-    "trainer_image": Param(_env("TRAINER_IMAGE", "us-central1-docker.pkg.dev/my-gcp-project/tripletflow/trainer:0.1.0"),
-                           type="string", description="image of pipelines/trainer/Dockerfile"),
-    "k8s_namespace": Param(_env("K8S_NAMESPACE", "tripletflow"), type="string",
-                           description="Kubernetes namespace of the trainer pod"),
+    "trainer_backend": Param(
+        _env("TRAINER_BACKEND", TRAIN_KUBERNETES),
+        enum=[TRAIN_KUBERNETES, TRAIN_VERTEX_AI, TRAIN_LOCAL],
+        description="kubernetes: a GPU pod; vertex_ai: a Vertex AI CustomJob; local: on the Airflow worker (dev)",
+    ),
+    "trainer_image": Param(
+        _env("TRAINER_IMAGE", "us-central1-docker.pkg.dev/my-gcp-project/tripletflow/trainer:0.1.0"),
+        type="string",
+        description="image of pipelines/trainer/Dockerfile",
+    ),
+    "k8s_namespace": Param(
+        _env("K8S_NAMESPACE", "tripletflow"), type="string", description="Kubernetes namespace of the trainer pod"
+    ),
 }
 
 
@@ -178,18 +209,23 @@ def gcs_bucket(uri: str) -> str:
     """gs://bucket/a/b -> bucket."""
     if not uri.startswith("gs://"):
         raise ValueError(f"not a gs:// path: {uri!r}")
-    return uri[len("gs://"):].split("/", 1)[0]
+    return uri[len("gs://") :].split("/", 1)[0]
 
 
 def gcs_object(uri: str) -> str:
     """gs://bucket/a/b -> a/b."""
     gcs_bucket(uri)
-    return uri[len("gs://"):].split("/", 1)[1]
+    return uri[len("gs://") :].split("/", 1)[1]
 
 
 # Macro names are prefixed: Airflow 3.3's context has its own `partition_date` (asset partitions).
-MACROS = {"tripletflow_partition": partition_date, "tripletflow_path": partition_path,
-          "tripletflow_history": history_root, "gcs_bucket": gcs_bucket, "gcs_object": gcs_object}
+MACROS = {
+    "tripletflow_partition": partition_date,
+    "tripletflow_path": partition_path,
+    "tripletflow_history": history_root,
+    "gcs_bucket": gcs_bucket,
+    "gcs_object": gcs_object,
+}
 _PARTITION = "tripletflow_partition(params.partition_date, dag_run.data_interval_start, dag_run.run_after)"
 PARTITION = "{{ " + _PARTITION + " }}"
 JOB_NAME = JOB_NAME_PREFIX + "{{ " + _PARTITION + " | replace('-', '') }}"
@@ -200,7 +236,11 @@ def _for_partition(param: str, suffix: str = "") -> str:
     return "{{ tripletflow_path(params.%s, %s) }}%s" % (param, _PARTITION, suffix)
 
 
-INPUT, OUTPUT, MODEL = _for_partition("input_template"), _for_partition("output_template"), _for_partition("model_template")
+INPUT, OUTPUT, MODEL = (
+    _for_partition("input_template"),
+    _for_partition("output_template"),
+    _for_partition("model_template"),
+)
 MANIFEST = _for_partition("output_template", "/" + MANIFEST_FILE)
 TRAINER_ARGS = ["--stats", OUTPUT, "--output", MODEL]  # `tripletflow train` flags (the image's entrypoint)
 HISTORY = "{{ tripletflow_history(params.output_template) }}"
@@ -251,8 +291,13 @@ class PartitionFlexTemplateOperator(DataflowStartFlexTemplateOperator):
 
     def cancel_active_job(self) -> None:
         """Cancels (and waits up to cancel_timeout for) any non-terminal job named like this partition's."""
-        hook = DataflowHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain,
-                            poll_sleep=self.poll_sleep, cancel_timeout=self.cancel_timeout, drain_pipeline=False)
+        hook = DataflowHook(
+            gcp_conn_id=self.gcp_conn_id,
+            impersonation_chain=self.impersonation_chain,
+            poll_sleep=self.poll_sleep,
+            cancel_timeout=self.cancel_timeout,
+            drain_pipeline=False,
+        )
         hook.cancel_job(job_name=self.job_name, project_id=self.project_id, location=self.location)
 
     def execute(self, context):
@@ -290,25 +335,34 @@ with DAG(
     def choose_launch(params=None) -> str:
         """The EmbeddingStats task of param `launch`."""
         return {LAUNCH_FLEX_TEMPLATE: "embedding_stats_dataflow", LAUNCH_BEAM_LOCAL: "embedding_stats_local"}[
-            params["launch"]]
+            params["launch"]
+        ]
 
     embedding_stats_dataflow = PartitionFlexTemplateOperator(
         task_id="embedding_stats_dataflow",
         project_id="{{ params.project }}",
         location="{{ params.region }}",
-        body={"launchParameter": {
-            "jobName": JOB_NAME,
-            "containerSpecGcsPath": "{{ params.template_path }}",
-            # pipelines/dataflow/metadata.json's parameters
-            "parameters": {"input": INPUT, "output": OUTPUT, "grid": "{{ params.grid }}", "dim": "{{ params.dim }}",
-                           "distance": "{{ params.distance }}", "margin": "{{ params.margin }}"},
-            "environment": {
-                "tempLocation": "{{ params.temp_location }}",
-                "sdkContainerImage": "{{ params.flex_image }}",
-                "additionalExperiments": ["use_runner_v2"],
-                "additionalUserLabels": {"airflow-dag": DAG_ID, "partition": PARTITION},
-            },
-        }},
+        body={
+            "launchParameter": {
+                "jobName": JOB_NAME,
+                "containerSpecGcsPath": "{{ params.template_path }}",
+                # pipelines/dataflow/metadata.json's parameters
+                "parameters": {
+                    "input": INPUT,
+                    "output": OUTPUT,
+                    "grid": "{{ params.grid }}",
+                    "dim": "{{ params.dim }}",
+                    "distance": "{{ params.distance }}",
+                    "margin": "{{ params.margin }}",
+                },
+                "environment": {
+                    "tempLocation": "{{ params.temp_location }}",
+                    "sdkContainerImage": "{{ params.flex_image }}",
+                    "additionalExperiments": ["use_runner_v2"],
+                    "additionalUserLabels": {"airflow-dag": DAG_ID, "partition": PARTITION},
+                },
+            }
+        },
         drain_pipeline=False,  # a batch job: cancel, never drain
         cancel_timeout=CANCEL_TIMEOUT_S,
         poll_sleep=DATAFLOW_POLL_S,
@@ -344,8 +398,12 @@ with DAG(
         execution_timeout=RUN_TIMEOUT,
     )
 
-    @task.sensor(task_id="wait_for_manifest_local", poke_interval=MANIFEST_POKE_S,
-                 timeout=MANIFEST_WAIT.total_seconds(), mode="reschedule")
+    @task.sensor(
+        task_id="wait_for_manifest_local",
+        poke_interval=MANIFEST_POKE_S,
+        timeout=MANIFEST_WAIT.total_seconds(),
+        mode="reschedule",
+    )
     def wait_for_manifest_local(manifest: str, dag_run=None) -> PokeReturnValue:
         """Done once the local MANIFEST.json was written after this DAG run started."""
         return PokeReturnValue(is_done=manifest_committed_since(manifest, dag_run.start_date))
@@ -358,7 +416,8 @@ with DAG(
         cmds=["tripletflow"],
         arguments=REPORT_ARGS,
         container_resources=k8s.V1ResourceRequirements(
-            requests={"cpu": REPORT_CPU, "memory": REPORT_MEMORY}, limits={"memory": REPORT_MEMORY}),
+            requests={"cpu": REPORT_CPU, "memory": REPORT_MEMORY}, limits={"memory": REPORT_MEMORY}
+        ),
         service_account_name=K8S_SERVICE_ACCOUNT,  # reads the output and writes report.html beside it
         labels={"app": "tripletflow-report"},
         deferrable=True,
@@ -381,7 +440,8 @@ with DAG(
         arguments=TRAINER_ARGS,  # after the image's entrypoint, `tripletflow train`
         container_resources=k8s.V1ResourceRequirements(
             requests={"cpu": TRAINER_CPU, "memory": TRAINER_MEMORY},
-            limits={GPU_RESOURCE: str(TRAINER_GPUS), "memory": TRAINER_MEMORY}),
+            limits={GPU_RESOURCE: str(TRAINER_GPUS), "memory": TRAINER_MEMORY},
+        ),
         # GPU nodes carry this taint (GKE adds it); the pod tolerates it and selects them.
         tolerations=[k8s.V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")],
         node_selector=K8S_GPU_NODE_SELECTOR or None,
@@ -401,13 +461,18 @@ with DAG(
         custom_job={
             "display_name": JOB_NAME + "-train",
             "job_spec": {
-                "worker_pool_specs": [{
-                    "machine_spec": {"machine_type": VERTEX_MACHINE_TYPE, "accelerator_type": VERTEX_ACCELERATOR_TYPE,
-                                     "accelerator_count": TRAINER_GPUS},
-                    "replica_count": 1,
-                    # image_uri's entrypoint is `tripletflow train`: args only
-                    "container_spec": {"image_uri": "{{ params.trainer_image }}", "args": TRAINER_ARGS},
-                }],
+                "worker_pool_specs": [
+                    {
+                        "machine_spec": {
+                            "machine_type": VERTEX_MACHINE_TYPE,
+                            "accelerator_type": VERTEX_ACCELERATOR_TYPE,
+                            "accelerator_count": TRAINER_GPUS,
+                        },
+                        "replica_count": 1,
+                        # image_uri's entrypoint is `tripletflow train`: args only
+                        "container_spec": {"image_uri": "{{ params.trainer_image }}", "args": TRAINER_ARGS},
+                    }
+                ],
                 **({"service_account": VERTEX_SERVICE_ACCOUNT} if VERTEX_SERVICE_ACCOUNT else {}),
             },
             "labels": {"airflow-dag": DAG_ID, "partition": PARTITION},
