@@ -8,8 +8,9 @@ for both label patterns; batch-all alone forward+backward within 1.5x; peak memo
 (1,690 boxes) and sparse (85 valid boxes padded to 96, as the pipeline pads), in sets/s.
 
 Each case runs in a fresh subprocess (peak memory = growth of ru_maxrss over the process
-after importing TensorFlow; on a GPU, the device allocator's peak).  Inside it the measurements are interleaved, `--repeats`
-rounds, and each keeps its fastest and median round: the machine is shared, so ratios are
+after importing TensorFlow; on a GPU, the device allocator's peak).  Inside it the
+measurements are interleaved, `--repeats` rounds, and each keeps its fastest and median
+round: the machine is shared, so ratios are
 taken within one process, of the fastest rounds.  `--module PATH` times another version
 of the loss module (e.g. `git show REV:components/triplet_loss.py > /tmp/old.py`) in the
 same run, for before/after figures.
