@@ -163,8 +163,12 @@ def run_case(args):
                 with tf.device(device):
                     tf.nest.map_structure(lambda t: t.numpy(), steps[name]())
             rounds[name].append(time.perf_counter() - start)
-    result = dict(case=pattern, peak_mb=peak_mb, fastest={k: min(v) for k, v in rounds.items()},
-                  median={k: float(np.median(v)) for k, v in rounds.items()})
+    result = dict(
+        case=pattern,
+        peak_mb=peak_mb,
+        fastest={k: min(v) for k, v in rounds.items()},
+        median={k: float(np.median(v)) for k, v in rounds.items()},
+    )
     if "numpy" in rounds:
         with tf.device(device):
             got = float(T.triplet_loss(x, labels, mining="batch_all", margin=MARGIN))
@@ -176,8 +180,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--boxes", type=int, default=BOXES)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--cases", nargs="+", default=["seed", "identities", "dense16", "sparse16"],
-                        choices=["seed", "identities", "dense16", "sparse16"])
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["seed", "identities", "dense16", "sparse16"],
+        choices=["seed", "identities", "dense16", "sparse16"],
+    )
     parser.add_argument("--module", default=None, help="another version of components/triplet_loss.py, also timed")
     parser.add_argument("--device", default="CPU", choices=["CPU", "GPU"])
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -190,8 +198,18 @@ def main():
     results = []
     for case in args.cases:
         for label, path in modules:
-            cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--boxes", str(args.boxes),
-                   "--repeats", str(args.repeats), "--device", args.device] + (["--module", path] if path else [])
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--case",
+                case,
+                "--boxes",
+                str(args.boxes),
+                "--repeats",
+                str(args.repeats),
+                "--device",
+                args.device,
+            ] + (["--module", path] if path else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"case {case} ({label}) failed:\n{proc.stderr[-3000:]}")
@@ -200,32 +218,44 @@ def main():
             results.append(row)
             print(f"done {case} ({label})", file=sys.stderr, flush=True)
 
-    print(f"{args.device}; {os.cpu_count()} cores; load average at the end {os.getloadavg()[0]:.1f}; dim {DIM}, "
-          f"margin {MARGIN}, euclidean, normalized; fastest of {args.repeats} interleaved rounds (median in brackets)")
-    print(f"\nOne set of {args.boxes} boxes, forward+backward; numpy = sort-and-prefix-sum batch-all, forward only; "
-          f"targets: all <= {TARGET_ALL}x, batch-all <= {TARGET_BATCH_ALL}x numpy, peak < {TARGET_PEAK_MB:.0f} MB\n")
-    print("| labels | module | numpy ms | all three + stats ms | / numpy | batch-all ms | / numpy "
-          "| batch-hard ms | peak MB | batch-all vs numpy |")
+    print(
+        f"{args.device}; {os.cpu_count()} cores; load average at the end {os.getloadavg()[0]:.1f}; dim {DIM}, "
+        f"margin {MARGIN}, euclidean, normalized; fastest of {args.repeats} interleaved rounds (median in brackets)"
+    )
+    print(
+        f"\nOne set of {args.boxes} boxes, forward+backward; numpy = sort-and-prefix-sum batch-all, forward only; "
+        f"targets: all <= {TARGET_ALL}x, batch-all <= {TARGET_BATCH_ALL}x numpy, peak < {TARGET_PEAK_MB:.0f} MB\n"
+    )
+    print(
+        "| labels | module | numpy ms | all three + stats ms | / numpy | batch-all ms | / numpy "
+        "| batch-hard ms | peak MB | batch-all vs numpy |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         if r["case"] in ("dense16", "sparse16"):
             continue
         f, m = r["fastest"], r["median"]
-        print(f"| {r['case']} | {r['module']} | {f['numpy'] * 1e3:.0f} ({m['numpy'] * 1e3:.0f}) "
-              f"| {f['all'] * 1e3:.0f} ({m['all'] * 1e3:.0f}) | **{f['all'] / f['numpy']:.2f}x** "
-              f"| {f['batch_all'] * 1e3:.0f} ({m['batch_all'] * 1e3:.0f}) | **{f['batch_all'] / f['numpy']:.2f}x** "
-              f"| {f['batch_hard'] * 1e3:.0f} ({m['batch_hard'] * 1e3:.0f}) | {r['peak_mb']:.0f} "
-              f"| {r['batch_all_diff']:.1e} |")
+        print(
+            f"| {r['case']} | {r['module']} | {f['numpy'] * 1e3:.0f} ({m['numpy'] * 1e3:.0f}) "
+            f"| {f['all'] * 1e3:.0f} ({m['all'] * 1e3:.0f}) | **{f['all'] / f['numpy']:.2f}x** "
+            f"| {f['batch_all'] * 1e3:.0f} ({m['batch_all'] * 1e3:.0f}) | **{f['batch_all'] / f['numpy']:.2f}x** "
+            f"| {f['batch_hard'] * 1e3:.0f} ({m['batch_hard'] * 1e3:.0f}) | {r['peak_mb']:.0f} "
+            f"| {r['batch_all_diff']:.1e} |"
+        )
     batch_rows = [r for r in results if r["case"] in ("dense16", "sparse16")]
     if batch_rows:
-        print(f"\nBatches of {BATCH} padded sets (dense: {BOXES} boxes, seed labels; sparse: {SPARSE_BOXES} boxes "
-              f"of {IDENTITIES} identities padded to {SPARSE_PADDED}), sets/s\n")
+        print(
+            f"\nBatches of {BATCH} padded sets (dense: {BOXES} boxes, seed labels; sparse: {SPARSE_BOXES} boxes "
+            f"of {IDENTITIES} identities padded to {SPARSE_PADDED}), sets/s\n"
+        )
         print("| shape | module | all three + stats, fwd+bwd (Trainer) | statistics, forward (pipeline) | peak MB |")
         print("|---|---|---:|---:|---:|")
         for r in batch_rows:
             f, m = r["fastest"], r["median"]
-            print(f"| {r['case']} | {r['module']} | {BATCH / f['all']:.1f} ({BATCH / m['all']:.1f}) "
-                  f"| {BATCH / f['statistics']:.1f} ({BATCH / m['statistics']:.1f}) | {r['peak_mb']:.0f} |")
+            print(
+                f"| {r['case']} | {r['module']} | {BATCH / f['all']:.1f} ({BATCH / m['all']:.1f}) "
+                f"| {BATCH / f['statistics']:.1f} ({BATCH / m['statistics']:.1f}) | {r['peak_mb']:.0f} |"
+            )
 
 
 if __name__ == "__main__":

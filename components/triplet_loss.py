@@ -70,16 +70,41 @@ from components.loss_settings import (
 )
 from components.loss_settings import MININGS as MINING
 
-__all__ = ["DISTANCES", "DISTANCE_CAP", "MINING", "NORM_EPS", "STATISTIC_NAMES", "COUNT_STATISTICS", "Geometry",
-           "l2_normalize", "max_distance", "merge_sets", "pair_geometry", "pairwise_distances",
-           "statistics_and_histograms", "triplet_loss", "triplet_statistics", "triplet_statistics_and_histograms",
-           "vector_norms"]
+__all__ = [
+    "DISTANCES",
+    "DISTANCE_CAP",
+    "MINING",
+    "NORM_EPS",
+    "STATISTIC_NAMES",
+    "COUNT_STATISTICS",
+    "Geometry",
+    "l2_normalize",
+    "max_distance",
+    "merge_sets",
+    "pair_geometry",
+    "pairwise_distances",
+    "statistics_and_histograms",
+    "triplet_loss",
+    "triplet_statistics",
+    "triplet_statistics_and_histograms",
+    "vector_norms",
+]
 
 # The keys of the statistics, in order (EmbeddingStats writes them as the `examples` table's
 # columns of the same names); these counts are int64, the rest float32.
 COUNT_STATISTICS = ("n_boxes", "n_identities", "n_pos_pairs", "n_neg_pairs", "n_triplets", "n_active_triplets")
-STATISTIC_NAMES = (*COUNT_STATISTICS[:4], "pos_dist_mean", "pos_dist_max", "neg_dist_mean", "neg_dist_min",
-                   *COUNT_STATISTICS[4:], "triplet_loss_sum", "batch_all_loss", "batch_hard_loss", "semi_hard_loss")
+STATISTIC_NAMES = (
+    *COUNT_STATISTICS[:4],
+    "pos_dist_mean",
+    "pos_dist_max",
+    "neg_dist_mean",
+    "neg_dist_min",
+    *COUNT_STATISTICS[4:],
+    "triplet_loss_sum",
+    "batch_all_loss",
+    "batch_hard_loss",
+    "semi_hard_loss",
+)
 _COUNT_NAMES = frozenset(COUNT_STATISTICS)
 
 # Vectors with ||x|| below this have no direction: normalizing gives 0, not x / ||x||.
@@ -418,8 +443,9 @@ def _row_counts(index, weight, depth):
     shape = tf.shape(index)
     flat = tf.stack([tf.reduce_prod(shape[:-1]), shape[-1]])
     weight = None if weight is None else tf.reshape(weight, flat)
-    counts = tf.math.bincount(tf.reshape(index, flat), weights=weight, minlength=depth, maxlength=depth, axis=-1,
-                              dtype=tf.int32)
+    counts = tf.math.bincount(
+        tf.reshape(index, flat), weights=weight, minlength=depth, maxlength=depth, axis=-1, dtype=tf.int32
+    )
     return tf.reshape(counts, tf.concat([shape[:-1], [depth]], 0))
 
 
@@ -601,8 +627,12 @@ def _semi_hard_loss(g, side, margin):
     def split(t, depth):
         return tf.dynamic_partition(tf.reshape(t, tf.stack([rows, depth])), case, 2)
 
-    signed, large, values, cols = split(side.signed, n), split(side.large, n), split(side.values, width), \
-        split(side.cols, width)
+    signed, large, values, cols = (
+        split(side.signed, n),
+        split(side.large, n),
+        split(side.values, width),
+        split(side.cols, width),
+    )
     n_neg = tf.dynamic_partition(tf.reshape(g.n_neg, [rows]), case, 2)[0]
     count = tf.dynamic_partition(tf.reshape(side.count, [rows]), case, 2)[1]
     weights_a, active_a = _semi_hard_small_negatives(signed[0], large[0], values[0], cols[0], n_neg, margin)
@@ -679,10 +709,7 @@ def _statistics(g, labels, margin, distance, normalize):
         "batch_hard_loss": _bounded(_batch_hard_loss(g, margin), bound),
         "semi_hard_loss": _bounded(_semi_hard_loss(g, side, margin), bound),
     }
-    return {
-        name: tf.cast(stats[name], tf.int64 if name in _COUNT_NAMES else tf.float32)
-        for name in STATISTIC_NAMES
-    }
+    return {name: tf.cast(stats[name], tf.int64 if name in _COUNT_NAMES else tf.float32) for name in STATISTIC_NAMES}
 
 
 def triplet_statistics(embeddings, labels, *, margin=DEFAULT_MARGIN, distance=DEFAULT_DISTANCE, normalize=True):
@@ -710,12 +737,14 @@ def triplet_statistics_and_histograms(
     check_distance(distance)
     labels = tf.cast(tf.convert_to_tensor(labels), tf.int64)
     g = _geometry(embeddings, labels, distance, normalize)
-    return statistics_and_histograms(g, labels, bins=bins, upper_edge=upper_edge, margin=margin, distance=distance,
-                                     normalize=normalize)
+    return statistics_and_histograms(
+        g, labels, bins=bins, upper_edge=upper_edge, margin=margin, distance=distance, normalize=normalize
+    )
 
 
-def statistics_and_histograms(g: Geometry, labels, *, bins, upper_edge, margin=DEFAULT_MARGIN,
-                              distance=DEFAULT_DISTANCE, normalize=True):
+def statistics_and_histograms(
+    g: Geometry, labels, *, bins, upper_edge, margin=DEFAULT_MARGIN, distance=DEFAULT_DISTANCE, normalize=True
+):
     """:func:`triplet_statistics_and_histograms` of sets whose :func:`pair_geometry` is ``g`` (computed once)."""
     margin = check_margin(margin)
     labels = tf.cast(tf.convert_to_tensor(labels), tf.int64)
