@@ -66,6 +66,7 @@ ENV_DEFAULTS = {  # the DAG as deployed: per-run param defaults from TRIPLETFLOW
     "TRIPLETFLOW_OUTPUT_TEMPLATE": "gs://tf-bucket/out/date={date}",
     "TRIPLETFLOW_MODEL_TEMPLATE": "gs://tf-bucket/models/date={date}",
     "TRIPLETFLOW_TRAINER_IMAGE": "europe-docker.pkg.dev/proj-x/img/trainer:1",
+    "TRIPLETFLOW_REPORT_FAIL_ON_ALERT": "1",
     "TRIPLETFLOW_TRAINER_GPUS": "2",
     "TRIPLETFLOW_K8S_NAMESPACE": "ml",
 }
@@ -406,6 +407,7 @@ def test_production_report_pod_reports_the_committed_output_with_history(dag_ren
     assert container["command"] == ["tripletflow"] and container["args"][0] == "report"
     parsed = report_entry.parser().parse_args(container["args"][1:])  # the real report CLI accepts them
     assert parsed.output == EXPECTED_OUTPUT
+    assert parsed.fail_on_alert  # TRIPLETFLOW_REPORT_FAIL_ON_ALERT=1: alerts fail the task
     # The same history as nightly's own report on the dev path: every earlier date partition.
     assert parsed.history == nightly.history_root(ENV_DEFAULTS["TRIPLETFLOW_OUTPUT_TEMPLATE"]) == "gs://tf-bucket/out"
     assert "nvidia.com/gpu" not in container["resources"].get("limits", {})  # a report needs no GPU

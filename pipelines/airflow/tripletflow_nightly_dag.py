@@ -102,6 +102,8 @@ def _env(name: str, default: str = "") -> str:
 TRAINER_GPUS = int(_env("TRAINER_GPUS", "1"))
 TRAINER_CPU, TRAINER_MEMORY = _env("TRAINER_CPU", "8"), _env("TRAINER_MEMORY", "32Gi")
 REPORT_CPU, REPORT_MEMORY = _env("REPORT_CPU", "2"), _env("REPORT_MEMORY", "8Gi")  # the report pod (no GPU)
+# "1": the report pod exits 4 (ExitCode.ALERT) when an alert fires, so the task fails and the night is red.
+REPORT_FAIL_ON_ALERT = _env("REPORT_FAIL_ON_ALERT", "0") == "1"
 K8S_SERVICE_ACCOUNT = _env("K8S_SERVICE_ACCOUNT") or None  # e.g. bound to a GCP one (Workload Identity)
 K8S_GPU_NODE_SELECTOR = json.loads(
     _env("K8S_NODE_SELECTOR", "{}")
@@ -244,7 +246,14 @@ INPUT, OUTPUT, MODEL = (
 MANIFEST = _for_partition("output_template", "/" + MANIFEST_FILE)
 TRAINER_ARGS = ["--stats", OUTPUT, "--output", MODEL]  # `tripletflow train` flags (the image's entrypoint)
 HISTORY = "{{ tripletflow_history(params.output_template) }}"
-REPORT_ARGS = ["report", "--output", OUTPUT, "--history", HISTORY]  # after `tripletflow`
+REPORT_ARGS = [  # after `tripletflow`
+    "report",
+    "--output",
+    OUTPUT,
+    "--history",
+    HISTORY,
+    *(["--fail-on-alert"] if REPORT_FAIL_ON_ALERT else []),
+]
 
 
 def trainer_command(python: str) -> list[str]:
