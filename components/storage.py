@@ -99,7 +99,10 @@ class ConcurrentUpdate(Exception):
 
 
 def read_json_version(path: str):
-    """(the JSON document at `path` or None when absent, its version for `write_json_if_unchanged`)."""
+    """(the JSON document at `path` or None when absent, its version for `write_json_if_unchanged`).
+
+    Raises ConcurrentUpdate when the document is replaced while it is being read (gs://).
+    """
     if is_local(path):
         try:
             with open(path, "rb") as f:
@@ -107,10 +110,15 @@ def read_json_version(path: str):
         except FileNotFoundError:
             return None, None
         return json.loads(data), data  # local version: the bytes themselves (inodes are reused)
+    from google.api_core.exceptions import NotFound, PreconditionFailed
+
     blob = _gcs_blob(path, reload=True)
     if blob is None:
         return None, None
-    data = blob.download_as_bytes(if_generation_match=blob.generation)
+    try:
+        data = blob.download_as_bytes(if_generation_match=blob.generation)
+    except (NotFound, PreconditionFailed):  # replaced between the lookup and the download
+        raise ConcurrentUpdate(path) from None
     return json.loads(data), blob.generation
 
 

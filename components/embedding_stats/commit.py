@@ -234,16 +234,16 @@ def commit(_, run: RunInfo, summary: dict, *written) -> dict:
         delete_tree(run.path(name))
     path = contract.output_path(run.output_dir, contract.MANIFEST_FILE)
     for _ in range(MAX_COMMIT_ATTEMPTS):
-        previous, version = read_json_version(path)
-        _refuse_if_superseded(run, previous)
-        files = run_files(run)
         try:
-            check_counts(run, files, summary)
-        except CommitError:  # files missing: deleted by a later-started run that committed meanwhile?
-            _refuse_if_superseded(run, read_json_version(path)[0])
-            raise
-        manifest = build_manifest(run, summary, files)
-        try:
+            previous, version = read_json_version(path)
+            _refuse_if_superseded(run, previous)
+            files = run_files(run)
+            try:
+                check_counts(run, files, summary)
+            except CommitError:  # files missing: deleted by a later-started run that committed meanwhile?
+                _refuse_if_superseded(run, read_json_version(path)[0])
+                raise
+            manifest = build_manifest(run, summary, files)
             write_json_if_unchanged(path, manifest, version)  # the commit
             break
         except ConcurrentUpdate:
