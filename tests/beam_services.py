@@ -54,6 +54,16 @@ def wait_until_listening(process: subprocess.Popen, port: int, timeout_s: float,
             time.sleep(poll_s)
 
 
+def stop_process(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Terminates `process`, then kills it if it has not exited after `timeout_s`."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextlib.contextmanager
 def _service(argv: list[str], port: int, env: dict, log):
     process = subprocess.Popen([sys.executable, "-m", *argv], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -62,12 +72,7 @@ def _service(argv: list[str], port: int, env: dict, log):
         assert problem is None, f"{argv[0]} {problem}"
         yield f"localhost:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,8 @@ import tempfile
 import time
 import urllib.request
 
+from beam_services import stop_process  # tests/ is on sys.path: these helpers are imported by name
+
 HOST = "127.0.0.1"
 DEFAULT_BUCKET = "tripletflow-test"  # real GCS rules: 3-63 chars, lowercase
 START_TIMEOUT_S = 20.0
@@ -138,12 +140,7 @@ class GcsEmulator:
 
     def _kill(self) -> None:
         if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            stop_process(self._process, STOP_TIMEOUT_S)
             self._process = None
 
     def stop(self) -> None:

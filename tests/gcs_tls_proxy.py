@@ -27,6 +27,8 @@ import tempfile
 import threading
 import urllib.parse
 
+from beam_services import stop_process  # tests/ is on sys.path (also when run as the proxy process)
+
 HOSTS = ("www.googleapis.com", "storage.googleapis.com")
 GOOGLE_BASE = "https://www.googleapis.com"
 HOP_BY_HOP = {
@@ -294,12 +296,7 @@ class TfGcsProxy:
     def close(self) -> None:
         """Stops the proxy process and removes its certificates."""
         if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            stop_process(self._process, STOP_TIMEOUT_S)
         self._process.stdout.close()
         self._process.stdin.close()
         shutil.rmtree(self._dir, ignore_errors=True)
