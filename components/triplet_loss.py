@@ -439,7 +439,12 @@ def _row_counts(index, weight, depth):
     """Per row histogram: out[..., j] = sum of weight[..., :] (1 if None) where index[..., :] == j.
 
     index/weight ``[..., m]`` int32, output ``[..., depth]`` int32; O(rows * (m + depth)).
+    Rank-2 inputs (the semi-hard rows) go to ``bincount`` without reshapes: with constant inputs
+    inside ``tf.function``, grappler's constant folding gave those reshapes a wrong row count
+    when a ``dynamic_partition`` of the rows was empty (TF 2.21: "Input to reshape is a tensor with 0 values").
     """
+    if index.shape.rank == 2:
+        return tf.math.bincount(index, weights=weight, minlength=depth, maxlength=depth, axis=-1, dtype=tf.int32)
     shape = tf.shape(index)
     flat = tf.stack([tf.reduce_prod(shape[:-1]), shape[-1]])
     weight = None if weight is None else tf.reshape(weight, flat)
