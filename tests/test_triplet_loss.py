@@ -900,3 +900,19 @@ def test_pair_geometry_masks_by_hand():
     np.testing.assert_array_equal(g.n_neg.numpy(), [[1, 1, 2, 0]])
     # unit basis vectors are sqrt(2) apart (float64 Gram: exact to float32 rounding)
     np.testing.assert_allclose(g.dist.numpy()[0, :3, :3], np.sqrt(2.0) * (1 - np.eye(3)), rtol=1e-6)
+
+
+def test_constant_inputs_inside_tf_function_match_argument_inputs():
+    """Regression: with constant inputs TensorFlow's constant folding once broke a reshape when one half of the
+    semi-hard rows was empty (every anchor has fewer positives than negatives here)."""
+    rng = np.random.default_rng(21)
+    emb = rng.normal(size=(1, 300, 8)).astype(np.float32)
+    lab = rng.integers(0, 20, size=(1, 300)).astype(np.int64)
+
+    def run(x, labels):
+        return {**T.triplet_statistics(x, labels), **{m: T.triplet_loss(x, labels, mining=m) for m in T.MINING}}
+
+    by_argument = tf.function(run)(tf.constant(emb), tf.constant(lab))
+    by_constant = tf.function(lambda: run(tf.constant(emb), tf.constant(lab)))()
+    for key, value in by_argument.items():
+        np.testing.assert_array_equal(by_constant[key].numpy(), value.numpy(), err_msg=key)
