@@ -14,7 +14,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from components.embedding_stats import preprocessing as pp
-from components.embedding_stats.common import EXAMPLES, LABEL_SET, NORMS
+from components.embedding_stats.common import EXAMPLES, LABEL_SET, NORMS, one_per_row
 from components.embedding_stats.statistics import PairStatistics
 from components.embedding_stats.vectors import VectorsTable
 from components.loss_settings import LossSettings
@@ -31,9 +31,7 @@ REL, ABS = 1e-5, 1e-6
 
 
 def _one_per_row(values, item_type) -> pa.LargeListArray:
-    """A column of one-element lists, as TFXIO lays out scalar features."""
-    values = pa.array(values, item_type)
-    return pa.LargeListArray.from_arrays(pa.array(np.arange(len(values) + 1), pa.int64()), values)
+    return one_per_row(pa.array(values, item_type))
 
 
 def transformed_batch(examples: dict) -> pa.RecordBatch:

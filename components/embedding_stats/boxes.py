@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from components.embedding_stats.common import one_per_row
 from schemas import contract
 
 # Box record batches stay far below tf.Transform's 200 MB slicing threshold (a slice could
@@ -20,11 +21,6 @@ MAX_BOX_BATCH_BYTES = 64 << 20
 
 def _flat(batch: pa.RecordBatch, name: str) -> np.ndarray:
     return batch.column(name).flatten().to_numpy(zero_copy_only=False)
-
-
-def _one_per_row(values: pa.Array) -> pa.LargeListArray:
-    """[rows] values -> list<value> of one value per row (TFXIO's layout of a scalar feature)."""
-    return pa.LargeListArray.from_arrays(pa.array(np.arange(len(values) + 1, dtype=np.int64)), values)
 
 
 def box_rows(labels: np.ndarray):
@@ -49,10 +45,10 @@ def to_box_batch(grids: pa.RecordBatch, grid: contract.GridSpec) -> pa.RecordBat
     vectors[placeholder] = 0.0  # an empty box may hold NaN: the placeholder carries zeros
     ids = grids.column(contract.EXAMPLE_ID).flatten().take(pa.array(sets))
     columns = {
-        contract.BOX_EXAMPLE_ID: _one_per_row(ids.cast(pa.large_binary())),
-        contract.BOX_INDEX: _one_per_row(pa.array(boxes.astype(np.int64))),
-        contract.BOX_SET: _one_per_row(pa.array(sets.astype(np.int64))),
-        contract.BOX_LABEL: _one_per_row(pa.array(np.where(placeholder, contract.EMPTY_LABEL, row_labels))),
+        contract.BOX_EXAMPLE_ID: one_per_row(ids.cast(pa.large_binary())),
+        contract.BOX_INDEX: one_per_row(pa.array(boxes.astype(np.int64))),
+        contract.BOX_SET: one_per_row(pa.array(sets.astype(np.int64))),
+        contract.BOX_LABEL: one_per_row(pa.array(np.where(placeholder, contract.EMPTY_LABEL, row_labels))),
         contract.BOX_EMBEDDING: pa.LargeListArray.from_arrays(
             pa.array(np.arange(len(sets) + 1, dtype=np.int64) * grid.dim), pa.array(vectors.reshape(-1))
         ),

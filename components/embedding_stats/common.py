@@ -30,6 +30,11 @@ def column_array(batch: pa.RecordBatch, name: str) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False)
 
 
+def one_per_row(values: pa.Array) -> pa.LargeListArray:
+    """[rows] values -> list<value> of one value per row (TFXIO's layout of a scalar feature)."""
+    return pa.LargeListArray.from_arrays(pa.array(np.arange(len(values) + 1, dtype=np.int64)), values)
+
+
 def dead_letter(source_file, reason, detail, example_id=None, raw=None) -> dict:
     """One `dead_letter` row (contract.DEAD_LETTER_SCHEMA)."""
     return {
