@@ -14,8 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from faults.sitecustomize import KILL_WORKER_ONCE_ENV  # tests/ is on sys.path (see gcs_emulator.py)
+
 FAULTS_DIR = Path(__file__).parent / "faults"  # sitecustomize.py: test-only fault injection into workers
-KILL_WORKER_ONCE_ENV = "TRIPLETFLOW_TEST_KILL_WORKER_ONCE"  # = faults/sitecustomize.py's
 START_TIMEOUT_S = 60
 POLL_S = 0.2
 STOP_TIMEOUT_S = 10

@@ -24,6 +24,7 @@ import sys
 import pytest
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from faults.sitecustomize import KILLED_WORKER_EXIT_CODE  # tests/ is on sys.path
 
 from components.embedding_stats import commit
 from pipelines import embedding_stats
@@ -37,7 +38,6 @@ TRAIN_ARGS = ["--epochs", "1", "--batch-size", "4", "--no-export"]
 # Server-side copies in the JSON API: rewrite, copy, compose (an emulator log line: "METHOD PATH HTTP/1.1" ...).
 COPY_REQUEST = re.compile(r'"(POST|PUT) [^"]*(/rewriteTo/|/copyTo/|/compose[?" ])')
 UPLOAD_REQUEST = re.compile(r'"(POST|PUT) /upload/')
-KILLED_WORKER_EXIT_CODE = 17  # tests/faults/sitecustomize.py
 RUN_TIMEOUT_S = 300
 
 
