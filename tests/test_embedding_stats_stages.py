@@ -15,6 +15,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from components.embedding_stats import preprocessing as pp
 from components.embedding_stats.common import EXAMPLES, LABEL_SET, NORMS, one_per_row
+from components.embedding_stats.norms import AnalyzeNorms, ReadDatasetConstants, WriteTransformGraph
 from components.embedding_stats.statistics import PairStatistics
 from components.embedding_stats.vectors import VectorsTable
 from components.loss_settings import LossSettings
@@ -58,7 +59,6 @@ def transformed_batch(examples: dict) -> pa.RecordBatch:
         pp.OUT_EMBEDDING: pa.LargeListArray.from_arrays(
             pa.array(np.arange(len(fed) + 1) * GRID.dim, pa.int64()), pa.array(fed.ravel(), pa.float32())
         ),
-        pp.OUT_FED_MAX_NORM: _one_per_row(np.ones(len(l2)), pa.float32()),
     }
     return pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
 
@@ -99,7 +99,9 @@ def test_pair_statistics_match_brute_force_per_example(examples):
                     assert row[name] == pytest.approx(want[name], rel=REL, abs=ABS), (example_id, name)
 
     with test_pipeline.TestPipeline() as p:
-        stats = p | beam.Create([transformed_batch(examples)]) | PairStatistics(GRID, loss=LOSS, bins=BINS)
+        constants = p | "Constants" >> beam.Create([{pp.OUT_FED_MAX_NORM: 1.0}])  # unit vectors
+        batches = p | "Batches" >> beam.Create([transformed_batch(examples)])
+        stats = batches | PairStatistics(GRID, loss=LOSS, bins=BINS, constants=constants)
         assert_that(stats[EXAMPLES], check, label="Examples")
         all_labels = sorted({int(v) for _, labels, _ in examples.values() for v in labels})
         assert_that(
@@ -143,3 +145,55 @@ def test_vectors_table_places_each_box_on_its_grid(examples):
             equal_to([True]),
             label="Schema",
         )
+
+
+def box_batch(labels, embeddings) -> pa.RecordBatch:
+    """Raw box rows (contract.BOX_ARROW_SCHEMA), one example per row: labels [rows], embeddings [rows, dim]."""
+    rows = len(labels)
+    columns = [
+        _one_per_row([f"example-{i}".encode() for i in range(rows)], pa.large_binary()),
+        _one_per_row(np.zeros(rows, np.int64), pa.int64()),
+        _one_per_row(np.arange(rows), pa.int64()),
+        _one_per_row(labels, pa.int64()),
+        pa.LargeListArray.from_arrays(
+            pa.array(np.arange(rows + 1) * GRID.dim, pa.int64()), pa.array(embeddings.ravel(), pa.float32())
+        ),
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=contract.BOX_ARROW_SCHEMA)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_dataset_constants_are_the_valid_boxes_moments_read_from_the_written_graph(normalize, tmp_path):
+    rng = np.random.default_rng(11)
+    embeddings = (rng.normal(size=(40, GRID.dim)) * rng.uniform(0.5, 3.0, size=(40, 1))).astype(np.float32)
+    labels = rng.integers(0, 4, size=40)
+    labels[::7] = contract.EMPTY_LABEL  # placeholder rows of empty examples: not in the statistics
+    # A huge placeholder row: it would dominate the max and the moments if it were counted.
+    embeddings[0] = 1e6
+    valid_norms = np.linalg.norm(embeddings[labels >= 0].astype(np.float64), axis=1)
+    expected = {
+        pp.OUT_NORM_MEAN: valid_norms.mean(),
+        pp.OUT_NORM_STD: valid_norms.std(),
+        pp.OUT_NORM_MIN: valid_norms.min(),
+        pp.OUT_NORM_MAX: valid_norms.max(),
+        pp.OUT_FED_MAX_NORM: 1.0 if normalize else valid_norms.max(),
+    }
+
+    def check(found):
+        # Each norm is a float32 sum of 4 squares (a few float32 roundings, ~1e-7 relative) and each
+        # constant is cast to float32 once; std = sqrt(var) amplifies the mean's rounding by
+        # mean^2 / var (< 10 here): 1e-5 relative holds with an order of slack.
+        (constants,) = found
+        assert set(constants) == set(pp.DATASET_CONSTANTS)
+        for name, value in expected.items():
+            assert constants[name] == pytest.approx(value, rel=1e-5), name
+
+    graph_dir = str(tmp_path / "transform_graph")
+    with test_pipeline.TestPipeline() as p:
+        # Two batches: the analyzers merge their partial results.
+        batches = p | beam.Create([box_batch(labels[:25], embeddings[:25]), box_batch(labels[25:], embeddings[25:])])
+        transform_fn = batches | AnalyzeNorms(
+            GRID, normalize=normalize, center=False, norm_buckets=4, batch_size=16, temp_dir=str(tmp_path / "tmp")
+        )
+        written = p | WriteTransformGraph(GRID, transform_fn, graph_dir)
+        assert_that(written | ReadDatasetConstants(graph_dir), check)

@@ -19,7 +19,6 @@ EXAMPLES = "examples"  # EXAMPLES tables, from the pair-statistics stage, as are
 PARTIAL = "partial"  # per-batch partial summaries (statistics.partial_summary)
 LABEL_SET = "labels"  # the distinct labels of a batch
 NORMS = "norms"  # the L2 norms of a batch's valid boxes
-FED_MAX = "fed_max_norm"  # the dataset's largest fed-vector norm (a constant of the transform graph)
 
 
 def column_array(batch: pa.RecordBatch, name: str) -> np.ndarray:

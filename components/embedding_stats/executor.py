@@ -28,8 +28,8 @@ from components.embedding_stats.commit import (
     discard,
     read_manifest,
 )
-from components.embedding_stats.common import DEAD, EXAMPLES, FED_MAX, LABEL_SET, NORMS, PARTIAL
-from components.embedding_stats.norms import AnalyzeNorms, TransformNorms, WriteTransformGraph
+from components.embedding_stats.common import DEAD, EXAMPLES, LABEL_SET, NORMS, PARTIAL
+from components.embedding_stats.norms import AnalyzeNorms, ReadDatasetConstants, TransformNorms, WriteTransformGraph
 from components.embedding_stats.options import (
     EmbeddingStatsOptions,
     loss_settings_of,
@@ -157,21 +157,23 @@ def build_pipeline(p: beam.Pipeline, options, run: RunInfo, tft_temp_dir: str | 
         batch_size=opts.batch_size,
         temp_dir=temp_dir,
     )
-    graph_written = p | "WriteTransformGraph" >> WriteTransformGraph(
-        grid, transform_fn, run.path(contract.TRANSFORM_GRAPH_DIR)
-    )
+    graph_dir = run.path(contract.TRANSFORM_GRAPH_DIR)
+    graph_written = p | "WriteTransformGraph" >> WriteTransformGraph(grid, transform_fn, graph_dir)
+    constants = graph_written | "ReadDatasetConstants" >> ReadDatasetConstants(graph_dir)
     cached = boxes | "CacheBoxes" >> CacheBatches(cache_dir, contract.BOX_ARROW_SCHEMA)
     replayed = cached | "ReplayBoxes" >> ReplayCache(after=transform_fn[0])
     transformed = replayed | "TransformNorms" >> TransformNorms(
         grid, transform_fn, batch_size=opts.batch_size, temp_dir=temp_dir
     )
     loss = loss_settings_of(options)
-    stats = transformed | "PairStatistics" >> PairStatistics(grid, loss=loss, bins=opts.histogram_bins)
+    stats = transformed | "PairStatistics" >> PairStatistics(
+        grid, loss=loss, bins=opts.histogram_bins, constants=constants
+    )
     dead = (read[DEAD], validated[DEAD]) | "AllDeadLetters" >> beam.Flatten()
     summary = {
-        **{tag: stats[tag] for tag in (PARTIAL, LABEL_SET, NORMS, FED_MAX)},
+        **{tag: stats[tag] for tag in (PARTIAL, LABEL_SET, NORMS)},
         DEAD: dead,
-    } | "Summarize" >> Summarize(loss=loss, bins=opts.histogram_bins)
+    } | "Summarize" >> Summarize(loss=loss, bins=opts.histogram_bins, constants=constants)
     vectors = transformed | "VectorsTable" >> VectorsTable(grid)
     written = (vectors, stats[EXAMPLES], dead, summary) | "WriteOutputs" >> WriteOutputs(run.run_dir)
     cache_deleted = (

@@ -1,4 +1,5 @@
-"""tf.Transform stages: AnalyzeNorms (full-pass analysis -> transform graph), TransformNorms (apply it).
+"""tf.Transform stages: AnalyzeNorms (full-pass analysis -> transform graph), TransformNorms (apply it),
+ReadDatasetConstants (the analyzers' values, read once from the written graph).
 
 Both consume box record batches (contract.BOX_ARROW_SCHEMA) through a TFXIO TensorAdapterConfig
 of the box schema; the example id, box index and set index ride along as tf.Transform
@@ -88,4 +89,37 @@ class TransformNorms(beam.PTransform):
             transformed, _ = ((batches, config), self._transform_fn) | "Transform" >> tft_beam.TransformDataset(
                 output_record_batches=True
             )
-        return transformed | "DropUnaryPassthrough" >> beam.Map(lambda item: item[0])
+        # The dataset constants are read once (ReadDatasetConstants), not carried per row.
+        return transformed | "DropConstants" >> beam.Map(lambda item: item[0].drop_columns(list(pp.DATASET_CONSTANTS)))
+
+
+def read_dataset_constants(graph_dir: str) -> dict:
+    """{name in preprocessing.DATASET_CONSTANTS: float} of the transform graph written to `graph_dir`.
+
+    The constants are the same for every input, so the graph is run once on one all-zero box.
+    """
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    graph = tft.TFTransformOutput(graph_dir)
+    probe = {name: tf.zeros([1, *spec.shape], spec.dtype) for name, spec in graph.raw_feature_spec().items()}
+    outputs = graph.transform_raw_features(probe, drop_unused_features=False)
+    return {name: float(outputs[name].numpy()[0]) for name in pp.DATASET_CONSTANTS}
+
+
+class ReadDatasetConstants(beam.PTransform):
+    """WriteTransformGraph's output (its barrier) -> one dict of the dataset constants, for side inputs."""
+
+    def __init__(self, graph_dir: str):
+        super().__init__()
+        self._graph_dir = graph_dir
+
+    def expand(self, graph_written):
+        return (
+            graph_written.pipeline
+            | "GraphDir" >> beam.Create([self._graph_dir])
+            | "Read"
+            >> beam.Map(
+                lambda graph_dir, _written: read_dataset_constants(graph_dir), beam.pvalue.AsIter(graph_written)
+            )
+        )

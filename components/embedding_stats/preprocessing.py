@@ -10,9 +10,15 @@ Outputs, each per box row (`rows` = boxes fed):
   label [rows] int64; l2_norm, l1_norm, max_abs, l2_norm_z [rows] float32 (raw-embedding
   units; z is (l2 - mean) / std, 0 where std is 0); l2_norm_bucket [rows] int64;
   embedding [rows, dim] float32 (centered with --center, then L2-normalized unless
-  --no-normalize); fed_max_norm [rows] float32 (largest L2 norm of a valid `embedding` over
-  the dataset, so pair distances have a known range for fixed histogram bins; 1 when the
-  vectors are normalized).
+  --no-normalize).
+
+Dataset constants (DATASET_CONSTANTS), the analyzers' values that the pipeline's statistics
+and summary need: each [rows] float32, the same value in every row. They are graph outputs so
+that they can be read once from the written transform graph (norms.ReadDatasetConstants);
+the data path drops them right after the transform (norms.TransformNorms).
+  norm_mean, norm_std, norm_min, norm_max: of the raw L2 norms of valid boxes (std: population);
+  fed_max_norm: the largest L2 norm of a valid `embedding`, so pair distances have a known
+  range for fixed histogram bins (1 when the vectors are normalized).
 """
 
 from __future__ import annotations
@@ -34,7 +40,12 @@ OUT_MAX_ABS = contract.COL_MAX_ABS
 OUT_L2_Z = contract.COL_L2_NORM_Z
 OUT_BUCKET = contract.COL_L2_NORM_BUCKET
 OUT_EMBEDDING = contract.COL_EMBEDDING
-OUT_FED_MAX_NORM = "fed_max_norm"  # a constant of the graph, not a column
+OUT_NORM_MEAN = "norm_mean"
+OUT_NORM_STD = "norm_std"
+OUT_NORM_MIN = "norm_min"
+OUT_NORM_MAX = "norm_max"
+OUT_FED_MAX_NORM = "fed_max_norm"
+DATASET_CONSTANTS = (OUT_NORM_MEAN, OUT_NORM_STD, OUT_NORM_MIN, OUT_NORM_MAX, OUT_FED_MAX_NORM)
 
 
 def make_preprocessing_fn(*, normalize: bool = True, center: bool = False, norm_buckets: int = 10):
@@ -46,12 +57,12 @@ def make_preprocessing_fn(*, normalize: bool = True, center: bool = False, norm_
         valid = label >= 0  # [rows]
 
         norms = triplet_loss.vector_norms(embedding)  # each [rows]
+        valid_l2 = tf.boolean_mask(norms["l2"], valid)  # [valid rows]
         # float64 so that squares of huge (1e30-scale) norms do not overflow in the variance.
-        valid_l2 = tf.cast(tf.boolean_mask(norms["l2"], valid), tf.float64)  # [valid rows]
-        mean = tft.mean(valid_l2)
-        std = tf.sqrt(tft.var(valid_l2))
+        mean = tft.mean(tf.cast(valid_l2, tf.float64))
+        std = tf.sqrt(tft.var(tf.cast(valid_l2, tf.float64)))
         z = tf.math.divide_no_nan(tf.cast(norms["l2"], tf.float64) - mean, std)
-        boundaries = tft.quantiles(tf.boolean_mask(norms["l2"], valid), norm_buckets, QUANTILE_EPSILON)
+        boundaries = tft.quantiles(valid_l2, norm_buckets, QUANTILE_EPSILON)
         bucket = tft.apply_buckets(norms["l2"], boundaries)
 
         fed = embedding
@@ -68,7 +79,7 @@ def make_preprocessing_fn(*, normalize: bool = True, center: bool = False, norm_
             # max over an empty dataset is -inf/lowest: floor it at 0.
             fed_max_norm = tf.maximum(tft.max(fed_norms), 0.0)
 
-        return {
+        outputs = {
             OUT_LABEL: label,
             OUT_L2: norms["l2"],
             OUT_L1: norms["l1"],
@@ -76,7 +87,17 @@ def make_preprocessing_fn(*, normalize: bool = True, center: bool = False, norm_
             OUT_L2_Z: tf.cast(z, tf.float32),
             OUT_BUCKET: tf.cast(bucket, tf.int64),
             OUT_EMBEDDING: fed,
-            OUT_FED_MAX_NORM: tf.fill(tf.shape(label), fed_max_norm),
+        }
+        constants = {
+            OUT_NORM_MEAN: mean,
+            OUT_NORM_STD: std,
+            OUT_NORM_MIN: tft.min(valid_l2),
+            OUT_NORM_MAX: tft.max(valid_l2),
+            OUT_FED_MAX_NORM: fed_max_norm,
+        }
+        # tf.Transform's outputs are batched and at most float32: the constants are [rows] copies.
+        return outputs | {
+            name: tf.fill(tf.shape(label), tf.cast(value, tf.float32)) for name, value in constants.items()
         }
 
     return preprocessing_fn

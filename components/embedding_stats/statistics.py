@@ -23,7 +23,6 @@ from components import triplet_loss
 from components.embedding_stats import preprocessing as pp
 from components.embedding_stats.common import (
     EXAMPLES,
-    FED_MAX,
     LABEL_SET,
     METRICS_NAMESPACE,
     NORMS,
@@ -107,7 +106,7 @@ def histogram_edges(loss: LossSettings, fed_max_norm: float, bins: int) -> np.nd
 
 
 class _PairStatisticsFn(beam.DoFn):
-    """Transformed box record batch -> EXAMPLES table, PARTIAL summary, LABEL_SET, NORMS, FED_MAX.
+    """Transformed box record batch, dataset constants -> EXAMPLES table, PARTIAL summary, LABEL_SET, NORMS.
 
     One compiled TF call per batch (built once per worker in setup) computes the loss graph's
     statistics and the per-batch histograms of positive/negative pair distances.
@@ -144,7 +143,7 @@ class _PairStatisticsFn(beam.DoFn):
         self._done = 0
         self._started = time.monotonic()
 
-    def process(self, batch: pa.RecordBatch):
+    def process(self, batch: pa.RecordBatch, constants: dict):
         if batch.num_rows == 0:
             return
         labels = column_array(batch, pp.OUT_LABEL).astype(np.int64)  # [rows]
@@ -153,8 +152,7 @@ class _PairStatisticsFn(beam.DoFn):
         n = len(sets.starts)
         ids = [value.decode("utf-8") for value in column_array(batch, contract.BOX_EXAMPLE_ID)[sets.starts]]
         fed = column_array(batch, pp.OUT_EMBEDDING).astype(np.float32, copy=False).reshape(batch.num_rows, -1)
-        fed_max_norm = float(column_array(batch, pp.OUT_FED_MAX_NORM)[0])
-        upper_edge = histogram_range(self._loss, fed_max_norm)
+        upper_edge = histogram_range(self._loss, constants[pp.OUT_FED_MAX_NORM])
 
         stats, pos_hist, neg_hist = self._loss_graph(sets, fed, labels, upper_edge)
 
@@ -162,8 +160,7 @@ class _PairStatisticsFn(beam.DoFn):
         l2 = column_array(batch, pp.OUT_L2)[valid].astype(np.float64)
         yield beam.pvalue.TaggedOutput(NORMS, l2.tolist())
         yield beam.pvalue.TaggedOutput(LABEL_SET, np.unique(labels[valid]).tolist())
-        yield beam.pvalue.TaggedOutput(FED_MAX, fed_max_norm)
-        yield beam.pvalue.TaggedOutput(PARTIAL, partial_summary(stats, l2, pos_hist, neg_hist))
+        yield beam.pvalue.TaggedOutput(PARTIAL, partial_summary(stats, pos_hist, neg_hist))
 
         empty = int((stats["n_boxes"] == 0).sum())
         self._examples_counter.inc(n)
@@ -217,11 +214,9 @@ class _PairStatisticsFn(beam.DoFn):
         return pa.Table.from_arrays(arrays, schema=contract.EXAMPLES_SCHEMA)
 
 
-def partial_summary(stats, l2, pos_hist, neg_hist) -> dict:
+def partial_summary(stats, pos_hist, neg_hist) -> dict:
     """Bounded per-batch accumulator of the dataset summary (merged by SummaryCombineFn)."""
     has_triplet = stats["n_triplets"] > 0
-    count = len(l2)
-    mean = float(l2.mean()) if count else 0.0
     return {
         "examples": len(stats["n_boxes"]),
         "empty_examples": int((stats["n_boxes"] == 0).sum()),
@@ -235,25 +230,24 @@ def partial_summary(stats, l2, pos_hist, neg_hist) -> dict:
             name: float(stats[name][has_triplet].astype(np.float64).sum())
             for name in ("batch_all_loss", "batch_hard_loss", "semi_hard_loss")
         },
-        # L2 norms of valid boxes: count, mean, sum of squared deviations (Chan et al. merge), extremes.
-        "norm": {
-            "count": count,
-            "mean": mean,
-            "m2": float(((l2 - mean) ** 2).sum()),
-            "min": float(l2.min()) if count else None,
-            "max": float(l2.max()) if count else None,
-        },
         "positive": pos_hist.astype(np.int64),
         "negative": neg_hist.astype(np.int64),
     }
 
 
 class PairStatistics(beam.PTransform):
-    """Transformed box record batches -> tagged EXAMPLES tables, PARTIAL summaries, LABEL_SET, NORMS, FED_MAX."""
+    """Transformed box record batches -> tagged EXAMPLES tables, PARTIAL summaries, LABEL_SET, NORMS.
 
-    def __init__(self, grid, *, loss: LossSettings, bins: int):
+    `constants`: a PCollection of one dict of the dataset constants (norms.ReadDatasetConstants).
+    """
+
+    def __init__(self, grid, *, loss: LossSettings, bins: int, constants):
         super().__init__()
         self._fn = _PairStatisticsFn(grid, loss=loss, bins=bins)
+        self._constants = constants
 
     def expand(self, batches):
-        return batches | "LossGraph" >> beam.ParDo(self._fn).with_outputs(EXAMPLES, PARTIAL, LABEL_SET, NORMS, FED_MAX)
+        constants = beam.pvalue.AsSingleton(self._constants)
+        return batches | "LossGraph" >> beam.ParDo(self._fn, constants).with_outputs(
+            EXAMPLES, PARTIAL, LABEL_SET, NORMS
+        )

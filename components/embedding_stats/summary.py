@@ -1,7 +1,8 @@
-"""Summary stage: per-batch partials, dead letters, label sets and norms -> one summary.json dict.
+"""Summary stage: per-batch partials, dead letters, label sets, norms, dataset constants -> one summary.json dict.
 
-Everything is merged with fixed-size accumulators (histograms, Chan et al. moments, approximate
-quantiles), so memory does not grow with the data.
+Everything is merged with fixed-size accumulators (counts, histograms, approximate quantiles), so
+memory does not grow with the data. The norms' mean, std and extremes are tf.Transform's (the
+dataset constants of the transform graph), not computed again.
 """
 
 from __future__ import annotations
@@ -9,29 +10,14 @@ from __future__ import annotations
 import apache_beam as beam
 import numpy as np
 
-from components.embedding_stats.common import DEAD, FED_MAX, LABEL_SET, NORMS, PARTIAL
+from components.embedding_stats import preprocessing as pp
+from components.embedding_stats.common import DEAD, LABEL_SET, NORMS, PARTIAL
 from components.embedding_stats.statistics import histogram_edges, partial_summary
 from components.loss_settings import LossSettings
 from components.pair_auc import roc_auc_from_histograms
 from schemas import contract
 
 QUANTILE_POINTS = 101  # p00..p100 of the L2 norm; the summary keeps p01..p99
-
-
-def _merge_norm(a, b):
-    if a["count"] == 0:
-        return dict(b)
-    if b["count"] == 0:
-        return dict(a)
-    count = a["count"] + b["count"]
-    delta = b["mean"] - a["mean"]
-    return {
-        "count": count,
-        "mean": a["mean"] + delta * b["count"] / count,
-        "m2": a["m2"] + b["m2"] + delta * delta * a["count"] * b["count"] / count,
-        "min": min(a["min"], b["min"]),
-        "max": max(a["max"], b["max"]),
-    }
 
 
 class SummaryCombineFn(beam.CombineFn):
@@ -47,7 +33,6 @@ class SummaryCombineFn(beam.CombineFn):
                 for name in ("n_boxes", "n_pos_pairs", "n_neg_pairs", "n_triplets", "n_active_triplets")
             }
             | {name: np.zeros(0, np.float32) for name in ("batch_all_loss", "batch_hard_loss", "semi_hard_loss")},
-            np.zeros(0),
             np.zeros(self._bins, np.int64),
             np.zeros(self._bins, np.int64),
         )
@@ -76,7 +61,6 @@ class SummaryCombineFn(beam.CombineFn):
                     )
                 },
                 "loss_sums": {k: merged["loss_sums"][k] + other["loss_sums"][k] for k in merged["loss_sums"]},
-                "norm": _merge_norm(merged["norm"], other["norm"]),
             }
         return merged
 
@@ -84,8 +68,8 @@ class SummaryCombineFn(beam.CombineFn):
         return accumulator
 
 
-def _norm_summary(norm, quantiles):
-    count = norm["count"]
+def _norm_summary(count, constants, quantiles):
+    """The L2 norms of the `count` valid boxes: tf.Transform's moments and extremes, Beam's percentiles."""
     if count == 0:
         return {"count": 0, "mean": None, "std": None, "min": None, "max": None, "quantiles": {}}
     quantiles = list(quantiles or [])
@@ -94,16 +78,16 @@ def _norm_summary(norm, quantiles):
         points = {f"p{q:02d}": float(quantiles[q]) for q in range(1, QUANTILE_POINTS - 1)}
     return {
         "count": count,
-        "mean": norm["mean"],
-        "std": float(np.sqrt(max(norm["m2"] / count, 0.0))),
-        "min": norm["min"],
-        "max": norm["max"],
+        "mean": constants[pp.OUT_NORM_MEAN],
+        "std": constants[pp.OUT_NORM_STD],
+        "min": constants[pp.OUT_NORM_MIN],
+        "max": constants[pp.OUT_NORM_MAX],
         "quantiles": points,
     }
 
 
-def assemble_summary(_, partial, rejected_by_reason, identities, quantiles, edges) -> dict:
-    """summary.json (keys: contract.SUMMARY_KEYS) from the merged accumulators."""
+def assemble_summary(_, partial, rejected_by_reason, identities, quantiles, constants, loss, bins) -> dict:
+    """summary.json (keys: contract.SUMMARY_KEYS) from the merged accumulators and the dataset constants."""
     rejected = {reason: int(rejected_by_reason.get(reason, 0)) for reason in contract.Reason.ALL}
     with_triplets = partial["examples_with_triplets"]
     auc, auc_bound = roc_auc_from_histograms(partial["positive"], partial["negative"])
@@ -124,10 +108,10 @@ def assemble_summary(_, partial, rejected_by_reason, identities, quantiles, edge
         "mean_batch_all_loss": partial["loss_sums"]["batch_all_loss"] / with_triplets if with_triplets else None,
         "mean_batch_hard_loss": partial["loss_sums"]["batch_hard_loss"] / with_triplets if with_triplets else None,
         "mean_semi_hard_loss": partial["loss_sums"]["semi_hard_loss"] / with_triplets if with_triplets else None,
-        "l2_norm": _norm_summary(partial["norm"], quantiles),
+        "l2_norm": _norm_summary(partial["valid_boxes"], constants, quantiles),
         "histogram": {
-            "distance": edges["distance"],
-            "bin_edges": [float(e) for e in edges["edges"]],
+            "distance": loss.distance,
+            "bin_edges": [float(e) for e in histogram_edges(loss, constants[pp.OUT_FED_MAX_NORM], bins)],
             "positive": [int(c) for c in partial["positive"]],
             "negative": [int(c) for c in partial["negative"]],
         },
@@ -139,12 +123,16 @@ def assemble_summary(_, partial, rejected_by_reason, identities, quantiles, edge
 
 
 class Summarize(beam.PTransform):
-    """{PARTIAL, LABEL_SET, NORMS, FED_MAX, DEAD: PCollection} -> one summary dict, bounded memory throughout."""
+    """{PARTIAL, LABEL_SET, NORMS, DEAD: PCollection} -> one summary dict, bounded memory throughout.
 
-    def __init__(self, *, loss: LossSettings, bins: int):
+    `constants`: a PCollection of one dict of the dataset constants (norms.ReadDatasetConstants).
+    """
+
+    def __init__(self, *, loss: LossSettings, bins: int, constants):
         super().__init__()
         self._loss = loss
         self._bins = bins
+        self._constants = constants
 
     def expand(self, inputs):
         stats, dead = inputs, inputs[DEAD]
@@ -175,18 +163,8 @@ class Summarize(beam.PTransform):
                 rejected_by_reason=beam.pvalue.AsSingleton(by_reason),
                 identities=beam.pvalue.AsSingleton(identities),
                 quantiles=beam.pvalue.AsSingleton(quantiles),
-                edges=beam.pvalue.AsSingleton(self._edges(stats)),
+                constants=beam.pvalue.AsSingleton(self._constants),
+                loss=self._loss,
+                bins=self._bins,
             )
-        )
-
-    def _edges(self, stats):
-        loss, bins = self._loss, self._bins
-
-        def edges(fed_max_norm):
-            return {"distance": loss.distance, "edges": histogram_edges(loss, fed_max_norm, bins).tolist()}
-
-        return (
-            stats[FED_MAX]
-            | "FedMaxNorm" >> beam.CombineGlobally(lambda values: max(values, default=0.0))
-            | "Edges" >> beam.Map(edges)
         )

@@ -20,11 +20,11 @@ def _install(marker: str) -> None:
     process = statistics._PairStatisticsFn.process
 
     @functools.wraps(process)
-    def process_or_die(self, batch):
+    def process_or_die(self, batch, *side_inputs):
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            yield from process(self, batch)
+            yield from process(self, batch, *side_inputs)
             return
         os.close(fd)
         os._exit(KILLED_WORKER_EXIT_CODE)
