@@ -9,6 +9,8 @@ Marginal cost per example = (time(large) - time(small)) / (large - small); start
 time(small) - small * marginal.
 
     .venv/bin/python bench/bench_stats.py            # dense 8,40 and sparse 400,2400 examples
+    git worktree add /tmp/before <commit>            # A/B: another checkout's pipeline, interleaved
+    .venv/bin/python bench/bench_stats.py --shape sparse --compare /tmp/before
 Targets: pipeline marginal cost <= 2x the floor's; start-up < 10 s; peak memory flat in size.
 """
 
@@ -111,8 +113,8 @@ def child_floor(input_glob: str) -> dict:
     return {"seconds": time.perf_counter() - start, "examples": examples, "boxes": boxes, "peak_rss_mb": _peak_rss_mb()}
 
 
-def _run_child(*args) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True)
+def _run_child(*args, script: str = os.path.abspath(__file__)) -> dict:
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"bench child {args[:2]} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -123,7 +125,8 @@ def _fastest(runs: list[dict]) -> dict:
     return {**min(runs, key=lambda run: run["seconds"]), "peak_rss_mb": max(run["peak_rss_mb"] for run in runs)}
 
 
-def measure(shape: str, sizes, root: str, repeats: int) -> dict:
+def measure(shape: str, sizes, root: str, repeats: int, compare: str | None = None) -> dict:
+    """{size: {what: fastest run}}; what = floor, pipeline and, with `compare` (a checkout), "compare"."""
     from components import sample_data
 
     rows = {}
@@ -133,12 +136,14 @@ def measure(shape: str, sizes, root: str, repeats: int) -> dict:
             input_dir, sample_data.SampleOptions(examples=size, shards=SHARDS, empty_fraction=SHAPES[shape], seed=size)
         )
         glob_ = os.path.join(input_dir, "*")
-        runs = {"floor": [], "pipeline": []}
-        for _ in range(repeats):  # interleaved, so that a slow spell of the machine hits both alike
+        output = os.path.join(root, f"{shape}-{size}", "output")
+        runs = {"floor": [], "pipeline": []} | ({"compare": []} if compare else {})
+        for _ in range(repeats):  # interleaved, so that a slow spell of the machine hits all alike
             runs["floor"].append(_run_child("--child", "floor", glob_))
-            runs["pipeline"].append(
-                _run_child("--child", "pipeline", glob_, os.path.join(root, f"{shape}-{size}", "output"))
-            )
+            runs["pipeline"].append(_run_child("--child", "pipeline", glob_, output))
+            if compare:
+                script = os.path.join(compare, "bench", "bench_stats.py")
+                runs["compare"].append(_run_child("--child", "pipeline", glob_, output + "-compare", script=script))
         rows[size] = {what: _fastest(found) for what, found in runs.items()}
     return rows
 
@@ -148,16 +153,16 @@ def report(shape: str, rows: dict) -> None:
     print(f"\n## {shape} (grid 2,13,13,5 dim 100, empty fraction {SHAPES[shape]}; fastest of the repeats)")
     print("| what | examples | seconds | examples/s | embeddings/s | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
+    measured = list(rows[small])
     for size in (small, large):
-        for what in ("floor", "pipeline"):
+        for what in measured:
             r = rows[size][what]
             print(
                 f"| {what} | {r['examples']} | {r['seconds']:.1f} | {r['examples'] / r['seconds']:.1f} "
                 f"| {r['boxes'] / r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |"
             )
     marginal = {
-        what: (rows[large][what]["seconds"] - rows[small][what]["seconds"]) / (large - small)
-        for what in ("floor", "pipeline")
+        what: (rows[large][what]["seconds"] - rows[small][what]["seconds"]) / (large - small) for what in measured
     }
     startup = {what: rows[small][what]["seconds"] - small * marginal[what] for what in marginal}
     ratio = marginal["pipeline"] / marginal["floor"] if marginal["floor"] > 0 else float("inf")
@@ -173,6 +178,12 @@ def report(shape: str, rows: dict) -> None:
         f"peak RSS pipeline: {rows[small]['pipeline']['peak_rss_mb']:.0f} MiB at {small}, "
         f"{rows[large]['pipeline']['peak_rss_mb']:.0f} MiB at {large}"
     )
+    if "compare" in marginal:
+        print(
+            f"--compare checkout: marginal {marginal['compare']:.4f} s/example, start-up {startup['compare']:.1f} s; "
+            f"this pipeline / that one: marginal {marginal['pipeline'] / marginal['compare']:.2f}, "
+            f"time at {large} {rows[large]['pipeline']['seconds'] / rows[large]['compare']['seconds']:.2f}"
+        )
 
 
 def main(argv=None) -> int:
@@ -187,6 +198,9 @@ def main(argv=None) -> int:
         default=DEFAULT_REPEATS,
         help="runs of each measurement, fastest kept (default %(default)s)",
     )
+    parser.add_argument(
+        "--compare", default=None, help="another checkout of tripletflow whose pipeline is measured too, interleaved"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -198,7 +212,7 @@ def main(argv=None) -> int:
         for shape in shapes:
             sizes = sorted(int(s) for s in (args.sizes or DEFAULT_SIZES[shape]).split(","))
             assert len(sizes) == 2 and sizes[0] < sizes[1], "--sizes takes two increasing counts"
-            report(shape, measure(shape, sizes, root, args.repeats))
+            report(shape, measure(shape, sizes, root, args.repeats, args.compare))
     return 0
 
 
