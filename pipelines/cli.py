@@ -13,6 +13,8 @@ import importlib
 import os
 import sys
 
+from pipelines import tf_log
+
 # subcommand -> (module under pipelines/, one-line help)
 COMMANDS = {
     "generate": ("generate", "write sample TFRecord grids of box embeddings"),
@@ -22,6 +24,7 @@ COMMANDS = {
     "report": ("report", "write report.html and alerts.json for a run's output"),
     "nightly": ("nightly", "run EmbeddingStats for a date partition, or a backfill range"),
 }
+TENSORFLOW_COMMANDS = frozenset({"generate", "run", "demo", "train", "nightly"})  # started quietly up front
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -61,7 +64,6 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow start-up chatter off the console
     bound_malloc_arenas()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -71,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"tripletflow: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"pipelines.{COMMANDS[command][0]}")
+    with tf_log.filtered_startup():  # TensorFlow's start-up lines, at the level the user asked for
+        module = importlib.import_module(f"pipelines.{COMMANDS[command][0]}")
+        if command in TENSORFLOW_COMMANDS and not {"-h", "--help"} & set(rest):
+            tf_log.start_tensorflow()
     return module.run(rest)
 
 

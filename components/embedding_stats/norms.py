@@ -103,7 +103,7 @@ def read_dataset_constants(graph_dir: str) -> dict:
 
     graph = tft.TFTransformOutput(graph_dir)
     probe = {name: tf.zeros([1, *spec.shape], spec.dtype) for name, spec in graph.raw_feature_spec().items()}
-    outputs = graph.transform_raw_features(probe, drop_unused_features=False)
+    outputs = graph.transform_raw_features(probe)
     return {name: float(outputs[name].numpy()[0]) for name in pp.DATASET_CONSTANTS}
 
 
