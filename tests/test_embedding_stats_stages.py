@@ -35,6 +35,12 @@ def _one_per_row(values, item_type) -> pa.LargeListArray:
     return one_per_row(pa.array(values, item_type))
 
 
+def _one_vector_per_row(vectors: np.ndarray) -> pa.LargeListArray:
+    """[rows, dim] -> list<float32> of one vector per row (TFXIO's layout of a [dim] feature)."""
+    offsets = pa.array(np.arange(len(vectors) + 1) * GRID.dim, pa.int64())
+    return pa.LargeListArray.from_arrays(offsets, pa.array(vectors.ravel(), pa.float32()))
+
+
 def transformed_batch(examples: dict) -> pa.RecordBatch:
     """example_id -> (boxes [k] flat box indices, labels [k], fed [k, dim] float32): a transformed box batch."""
     ids, boxes, sets, labels, fed = [], [], [], [], []
@@ -56,9 +62,7 @@ def transformed_batch(examples: dict) -> pa.RecordBatch:
         pp.OUT_MAX_ABS: _one_per_row(np.abs(fed).max(axis=1), pa.float32()),
         pp.OUT_L2_Z: _one_per_row(np.zeros(len(l2)), pa.float32()),
         pp.OUT_BUCKET: _one_per_row(np.zeros(len(l2)), pa.int64()),
-        pp.OUT_EMBEDDING: pa.LargeListArray.from_arrays(
-            pa.array(np.arange(len(fed) + 1) * GRID.dim, pa.int64()), pa.array(fed.ravel(), pa.float32())
-        ),
+        pp.OUT_EMBEDDING: _one_vector_per_row(fed),
     }
     return pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
 
@@ -155,9 +159,7 @@ def box_batch(labels, embeddings) -> pa.RecordBatch:
         _one_per_row(np.zeros(rows, np.int64), pa.int64()),
         _one_per_row(np.arange(rows), pa.int64()),
         _one_per_row(labels, pa.int64()),
-        pa.LargeListArray.from_arrays(
-            pa.array(np.arange(rows + 1) * GRID.dim, pa.int64()), pa.array(embeddings.ravel(), pa.float32())
-        ),
+        _one_vector_per_row(embeddings),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=contract.BOX_ARROW_SCHEMA)
 
