@@ -18,12 +18,13 @@ cannot run off to ``-inf`` the way a raw Gram-matrix ("linear") loss does.
 Memory is O(batch * boxes^2), never O(boxes^3), although batch-all and semi-hard
 are exact over all triplets: for each anchor ``a`` the smaller side of its triplets
 (its negatives, or its positives when it has fewer) is sorted once, with ``top_k``
-of ``K = max_a min(n_pos, n_neg)`` values (:func:`_small_side`), and prefix-summed.
+of ``K = max_a min(n_pos, n_neg)`` values (:func:`_small_side`).
 With the negatives sorted and a positive ``p``, ``v = d(a, p) + margin``:
 
 * ``k = searchsorted(sorted_neg[a], v, side="left")`` = number of negatives with
   ``d(a, n) < v``, i.e. the active triplets (hinge > 0) of ``(a, p)``;
-* their hinge sum is ``k * v - prefix[a, k]`` (sum of the ``k`` smallest);
+* their hinge sum is ``k * v - (sum of the k smallest)``, which summed over all ``(a, p)``
+  is a count-weighted sum of distances (see the gradients below);
 * semi-hard: ``searchsorted(sorted_neg[a], d(a, p), side="right")`` is the first
   negative strictly farther than ``p`` (clamped to the farthest negative when
   none is, as in tensorflow-addons' semi-hard loss).
@@ -32,10 +33,10 @@ With the positives sorted the same formulas run on negated distances (the hinge
 ``d(a,p) + m - d(a,n)`` is ``(l + m) - s`` either way), and semi-hard finds each
 sorted positive's nearest farther negative by a segment min and a running min.
 
-Gradients do not flow through the sort: each loss is also a count-weighted sum of
-distances (``sum k(a,p) d(a,p) - sum c(a,n) d(a,n)``, with integer counts from the
-same sorted rows), which is differentiated elementwise instead; backprop through
-sort + gather would cost twice the forward pass.
+Gradients do not flow through the sort: batch-all and semi-hard are count-weighted sums of
+distances plus ``margin`` times a count (``sum k(a,p) d(a,p) - sum c(a,n) d(a,n) + m * count``,
+with integer counts from the same sorted rows), which give the value and are differentiated
+elementwise; backprop through sort + gather would cost twice the forward pass.
 
 Numerics: distances come from one float64 matrix product (products of float32
 numbers are exact in float64), so ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` cancels at 2**-53, not
@@ -482,34 +483,27 @@ def _loss_bound(distance, normalize, margin):
 def _batch_all_terms(g, side, margin):
     """Exact hinge sum ``[b]`` float32 and active-triplet count ``[b]`` int64 over all triplets.
 
-    Value: per large-side entry ``l`` (see :func:`_small_side`), with ``q = l + margin`` and
-    ``k`` = #small-side values below ``q`` (searchsorted), the hinge sum is
-    ``k * q - (prefix sum of the k smallest)``.
-    Gradient: the same total equals ``sum_large k l - sum_small c s + const``, where ``c`` =
-    #large entries whose cut ``k`` exceeds the small value's rank; differentiating that
-    elementwise form (``l, s = sign * d``) avoids backpropagating through sort and gather.
+    Per large-side entry ``l`` (see :func:`_small_side`), ``k`` = #small-side values ``s < l + margin``
+    (searchsorted) are its active triplets, whose hinges sum to ``sum_{i<k} (l + margin - s_i)``.  Over a set
+    that is ``sum_large k l - sum_small c s + margin * n_active``, where ``c`` = #large entries whose ``k``
+    exceeds the small value's rank (``l, s = sign * d``): one count-weighted sum of distances, which is
+    both the value (no prefix sums, no gather) and what is differentiated, elementwise (no gradient through
+    sort or search).  It cancels (hinges are small against distances), so its rounding is relative to
+    ``2 n_active max(d)``, as semi-hard's sum is: ``4 gamma_n`` of that in any summation order.
     """
     n = tf.shape(g.dist)[-1]
     width = tf.shape(side.values)[-1]
-    q = side.signed + margin  # [b, a, j]
-    k = tf.searchsorted(side.values, q, side="left")  # small-side values s < q
+    k = tf.searchsorted(side.values, side.signed + margin, side="left")  # [b, a, j]: small-side values s < l + m
     k = tf.where(side.large, k, 0)
-    finite = tf.where(tf.math.is_finite(side.values), side.values, tf.zeros_like(side.values))
-    prefix = tf.pad(tf.cumsum(finite, axis=-1), [[0, 0], [0, 0], [1, 0]])  # [b, a, K+1]
-    k_float = tf.cast(k, tf.float32)
-    hinge = tf.maximum(k_float * q - tf.gather(prefix, k, batch_dims=2), 0.0)  # 0 where k = 0: off the large side
-    value = _sum_pairs(hinge)
-
     # c in sorted order: #large entries with k > rank, a suffix sum of the histogram of k
     # (entries off the large side have k = 0, which is never > rank).
     hist = _row_counts(k, None, width + 1)
     above = tf.cumsum(hist, axis=-1, exclusive=True, reverse=True)[:, :, :width]
     c = _row_counts(side.cols, above, n)  # back to column order
-    linear = _sum_pairs(side.sign * (k_float - tf.cast(c, tf.float32)) * g.dist)
-    hinge_sum = tf.stop_gradient(value) + (linear - tf.stop_gradient(linear))
     # Row sums in int32 (at most n^2 / 4 < 2**31 for n < 92,681), then int64: no [b, n, n] int64 temporary.
     n_active = tf.reduce_sum(tf.cast(tf.reduce_sum(k, axis=-1), tf.int64), axis=-1)
-    return hinge_sum, n_active
+    linear = _sum_pairs(tf.cast(k - c, tf.float32) * side.sign * g.dist)  # |k - c| <= n < 2**24: exact
+    return linear + margin * tf.cast(n_active, tf.float32), n_active
 
 
 def _batch_all_loss(hinge_sum, n_active):

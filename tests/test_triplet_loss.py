@@ -219,17 +219,17 @@ def statistic_tolerances(emb, lab, margin, distance, normalize):
 
     With delta the distance error, B = largest distance + margin, n boxes, and the module's
     sums over pairs taken row by row (error 2 gamma_n, any order): distance means/extrema:
-    delta + (2 gamma_n + u) B; batch-hard: 2 delta + (gamma_{n+1} + u) B; batch-all, per
-    active triplet: 2 delta + (gamma_n (prefix sum) + 4u (k v - prefix)) B, and 2 gamma_n B
-    over the sum of pairs; semi-hard: 2 delta + 4 gamma_n B + 3u B (its sum
-    sum_active (d + m) - sum uses * d cancels).
+    delta + (2 gamma_n + u) B; batch-hard: 2 delta + (gamma_{n+1} + u) B; batch-all and
+    semi-hard, per active triplet: 2 delta + 4 gamma_n B + a few u B (each is a count-weighted
+    sum of distances, sum k d(a,p) - sum c d(a,n) + m n_active, which cancels: its terms
+    total at most 2 n_active B, summed row by row).
     """
     delta = distance_error(emb, lab, distance, normalize)
     n = max(int((np.asarray(lab) >= 0).sum()), 1)
     d = ref_distances(emb, lab, distance, normalize)
     big = (d.max() if d.size else 0.0) + margin
     dist_tol = delta + (2 * gamma(n) + U32) * big
-    batch_all = 2 * delta + (gamma(n) + 2 * gamma(n) + 5 * U32) * big
+    batch_all = 2 * delta + (4 * gamma(n) + 5 * U32) * big
     n_active = ref_set(emb, lab, margin, distance, normalize)["n_active_triplets"]
     tol = {
         "pos_dist_mean": dist_tol,
