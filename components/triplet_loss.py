@@ -446,20 +446,24 @@ def _small_side(g):
 def _row_counts(index, weight, depth):
     """Per row histogram: out[..., j] = sum of weight[..., :] (1 if None) where index[..., :] == j.
 
-    index/weight ``[..., m]`` int32, output ``[..., depth]`` int32; O(rows * (m + depth)).
-    Rank-2 inputs (the semi-hard rows) go to ``bincount`` without reshapes: with constant inputs
+    index/weight ``[..., m]`` int32 with every index in ``[0, depth)``, output ``[..., depth]`` int32;
+    O(rows * (m + depth)).  The op itself, not ``tf.math.bincount``, whose size check is a
+    ``reduce_max`` over the whole input (an extra ``[b, n, n]`` pass for batch-all's counts).
+    Rank-2 inputs (the semi-hard rows) go in without reshapes: with constant inputs
     inside ``tf.function``, grappler's constant folding gave those reshapes a wrong row count
     when a ``dynamic_partition`` of the rows was empty (TF 2.21: "Input to reshape is a tensor with 0 values").
     """
+
+    def counts(index, weight):
+        weight = tf.constant([], tf.int32) if weight is None else weight  # empty: count 1 each
+        return tf.raw_ops.DenseBincount(input=index, size=depth, weights=weight, binary_output=False)
+
     if index.shape.rank == 2:
-        return tf.math.bincount(index, weights=weight, minlength=depth, maxlength=depth, axis=-1, dtype=tf.int32)
+        return counts(index, weight)
     shape = tf.shape(index)
     flat = tf.stack([tf.reduce_prod(shape[:-1]), shape[-1]])
     weight = None if weight is None else tf.reshape(weight, flat)
-    counts = tf.math.bincount(
-        tf.reshape(index, flat), weights=weight, minlength=depth, maxlength=depth, axis=-1, dtype=tf.int32
-    )
-    return tf.reshape(counts, tf.concat([shape[:-1], [depth]], 0))
+    return tf.reshape(counts(tf.reshape(index, flat), weight), tf.concat([shape[:-1], [depth]], 0))
 
 
 def _sum_pairs(x):
@@ -531,19 +535,27 @@ def _pick_pairs(dist, pos_col, neg_col):
     return pick(dist)
 
 
-def _batch_hard_loss(g, margin):
-    """Mean over anchors with a positive and a negative of max(0, max_p d - min_n d + margin).
+def _hardest_pairs(g):
+    """Each anchor's farthest positive and nearest negative distance ``[b, n]`` (any value where it has none).
 
-    The hardest positive / negative is picked by ``argmax`` / ``argmin`` (the lowest column
-    among exact ties) and its distance gathered, so the gradient of an anchor's hinge goes to
-    that one pair; ``reduce_max`` would split it between tied pairs and cost an ``[b, n, n]``
+    Picked by ``argmax`` / ``argmin`` (the lowest column among exact ties) and gathered, so a gradient
+    goes to that one pair; ``reduce_max`` would split it between tied pairs and cost an ``[b, n, n]``
     equality mask, a division and two selects backward.  Same value either way.
     """
-    anchor = tf.logical_and(g.n_pos > 0, g.n_neg > 0)  # [b, n]
     dist = tf.stop_gradient(g.dist)
     pos_col = tf.argmax(tf.where(g.pos, dist, -1.0), axis=-1, output_type=tf.int32)  # [b, n]; distances >= 0
     neg_col = tf.argmin(tf.where(g.neg, dist, np.inf), axis=-1, output_type=tf.int32)
-    hardest_pos, hardest_neg = _pick_pairs(g.dist, pos_col, neg_col)  # [b, n] each
+    return _pick_pairs(g.dist, pos_col, neg_col)
+
+
+def _batch_hard_loss(g, margin):
+    """Mean over anchors with a positive and a negative of max(0, max_p d - min_n d + margin).
+
+    The gradient of an anchor's hinge goes to its one hardest positive and negative pair
+    (:func:`_hardest_pairs`).
+    """
+    anchor = tf.logical_and(g.n_pos > 0, g.n_neg > 0)  # [b, n]
+    hardest_pos, hardest_neg = _hardest_pairs(g)
     hinge = tf.maximum(hardest_pos - hardest_neg + margin, 0.0)
     total = tf.reduce_sum(tf.where(anchor, hinge, tf.zeros_like(hinge)), axis=-1)
     count = tf.reduce_sum(tf.cast(anchor, tf.float32), axis=-1)
@@ -680,28 +692,26 @@ def _bounded(loss, bound):
 
 
 def _pair_statistics(g):
-    """Counts and distance summaries over unordered pairs (i < j) of valid boxes."""
-    n = tf.shape(g.valid)[1]
-    idx = tf.range(n)
-    upper = (idx[:, None] < idx[None, :])[None]
-    pos = tf.logical_and(g.pos, upper)
-    neg = tf.logical_and(g.neg, upper)
-    # pos and neg are symmetric: each unordered pair is counted twice in the per-anchor counts.
-    n_pos_pairs = tf.reduce_sum(tf.cast(g.n_pos, tf.int64), axis=-1) // 2
-    n_neg_pairs = tf.reduce_sum(tf.cast(g.n_neg, tf.int64), axis=-1) // 2
-    pos_dist = tf.where(pos, g.dist, 0.0)
-    pos_sum = _sum_pairs(pos_dist)
-    neg_sum = _sum_pairs(tf.where(neg, g.dist, 0.0))
-    pos_max = tf.reduce_max(pos_dist, axis=[1, 2])
-    neg_min = tf.reduce_min(tf.where(neg, g.dist, np.inf), axis=[1, 2])
-    has_neg = n_neg_pairs > 0
+    """Counts and distance summaries of positive and negative pairs of valid boxes.
+
+    Counts are of unordered pairs; means, max and min are over ordered pairs, each unordered pair
+    with its two computed distances ``d(i, j)``, ``d(j, i)`` (equal up to the Gram product's rounding),
+    so no ``i < j`` mask is formed; max and min come from each anchor's hardest pairs.
+    """
+    n_pos = tf.reduce_sum(tf.cast(g.n_pos, tf.int64), axis=-1)  # ordered pairs: twice the unordered ones
+    n_neg = tf.reduce_sum(tf.cast(g.n_neg, tf.int64), axis=-1)
+    pos_sum = _sum_pairs(tf.where(g.pos, g.dist, 0.0))
+    neg_sum = _sum_pairs(tf.where(g.neg, g.dist, 0.0))
+    hardest_pos, hardest_neg = _hardest_pairs(g)
+    pos_max = tf.reduce_max(tf.where(g.n_pos > 0, hardest_pos, 0.0), axis=-1)
+    neg_min = tf.reduce_min(tf.where(g.n_neg > 0, hardest_neg, np.inf), axis=-1)
     return {
-        "n_pos_pairs": n_pos_pairs,
-        "n_neg_pairs": n_neg_pairs,
-        "pos_dist_mean": tf.math.divide_no_nan(pos_sum, tf.cast(n_pos_pairs, tf.float32)),
+        "n_pos_pairs": n_pos // 2,
+        "n_neg_pairs": n_neg // 2,
+        "pos_dist_mean": tf.math.divide_no_nan(pos_sum, tf.cast(n_pos, tf.float32)),
         "pos_dist_max": pos_max,
-        "neg_dist_mean": tf.math.divide_no_nan(neg_sum, tf.cast(n_neg_pairs, tf.float32)),
-        "neg_dist_min": tf.where(has_neg, neg_min, tf.zeros_like(neg_min)),
+        "neg_dist_mean": tf.math.divide_no_nan(neg_sum, tf.cast(n_neg, tf.float32)),
+        "neg_dist_min": tf.where(n_neg > 0, neg_min, tf.zeros_like(neg_min)),
     }
 
 
