@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from components.embedding_stats import commit
+from components.embedding_stats import commit, executor
 from pipelines import embedding_stats
 from pipelines.exit_codes import ExitCode
 from schemas import contract
@@ -94,6 +94,27 @@ def test_a_later_run_committing_between_the_check_and_the_write_still_wins(stats
         commit.commit(None, older, summary)
     assert ref.manifest(output)["run_id"] == newer.run_id
     assert os.listdir(output / contract.RUNS_DIR) == [newer.run_id]
+    assert_same_outputs(output, stats_run.output_dir)
+
+
+def test_a_run_replaced_after_it_committed_reports_it_superseded(stats_run, tmp_path, monkeypatch, capsys):
+    """The launcher's last check: its job committed, then a later-started run committed before the launcher
+    read the manifest. It says the run was superseded (exit 1), and the output is the later run's, whole."""
+    output = tmp_path / "out"
+    summary = ref.read_summary(stats_run.output_dir)
+    later = "29991231T000000000000Z-ffffffff"  # run ids order by start time: later than this test's run
+    read_manifest = executor.read_manifest
+
+    def later_run_commits_first(output_dir):
+        commit.commit(None, _run_copy(stats_run, output, later), summary)
+        return read_manifest(output_dir)
+
+    monkeypatch.setattr(executor, "read_manifest", later_run_commits_first)
+    code = embedding_stats.run([*stats_flags(stats_run), "--output", str(output)])
+    err = capsys.readouterr().err
+    assert code == ExitCode.FAILED and f"superseded by run {later}" in err and "published, then replaced" in err, err
+    assert ref.manifest(output)["run_id"] == later
+    assert os.listdir(output / contract.RUNS_DIR) == [later]
     assert_same_outputs(output, stats_run.output_dir)
 
 

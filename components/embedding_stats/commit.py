@@ -215,11 +215,15 @@ def delete_replaced(run: RunInfo) -> None:
         FileSystems.delete(stale)
 
 
-def _refuse_if_superseded(run: RunInfo, manifest: dict | None) -> None:
+def refuse_if_superseded(run: RunInfo, manifest: dict | None, outcome: str = "nothing published") -> None:
+    """CommitError when `manifest` (the output's current one) is of a run that started after `run`.
+
+    Run ids order by start time; `outcome` says what became of this run's outputs.
+    """
     if manifest and manifest.get("run_id", "") > run.run_id:
         raise CommitError(
             f"run {run.run_id} was superseded by run {manifest['run_id']}, which started later "
-            "and has committed: nothing published"
+            f"and has committed: {outcome}"
         )
 
 
@@ -236,12 +240,12 @@ def commit(_, run: RunInfo, summary: dict, *written) -> dict:
     for _ in range(MAX_COMMIT_ATTEMPTS):
         try:
             previous, version = read_json_version(path)
-            _refuse_if_superseded(run, previous)
+            refuse_if_superseded(run, previous)
             files = run_files(run)
             try:
                 check_counts(run, files, summary)
             except CommitError:  # files missing: deleted by a later-started run that committed meanwhile?
-                _refuse_if_superseded(run, read_json_version(path)[0])
+                refuse_if_superseded(run, read_json_version(path)[0])
                 raise
             manifest = build_manifest(run, summary, files)
             write_json_if_unchanged(path, manifest, version)  # the commit

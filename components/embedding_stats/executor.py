@@ -22,11 +22,11 @@ from components.embedding_stats.cache import CacheBatches, ReplayCache, delete_c
 from components.embedding_stats.commit import (
     BOX_CACHE_DIR,
     TFT_TEMP_DIR,
-    CommitError,
     CommitRun,
     RunInfo,
     discard,
     read_manifest,
+    refuse_if_superseded,
 )
 from components.embedding_stats.common import DEAD, EXAMPLES, LABEL_SET, NORMS, PARTIAL
 from components.embedding_stats.norms import AnalyzeNorms, ReadDatasetConstants, TransformNorms, WriteTransformGraph
@@ -225,14 +225,12 @@ def execute(options, wait: bool = True) -> RunResult:
             raise RuntimeError(f"pipeline ended in state {state}")
     except BaseException as error:
         discard(run)  # best effort: the next commit deletes what a killed launcher left
-        current = read_manifest(output_dir) if isinstance(error, Exception) else None
-        if current and current.get("run_id", "") > run.run_id:  # a later run committed and deleted this one's files
-            raise CommitError(
-                f"run {run.run_id} was superseded by run {current['run_id']}, which started later "
-                "and has committed: nothing published"
-            ) from error
+        if isinstance(error, Exception):  # a later run that committed meanwhile deleted this one's files?
+            refuse_if_superseded(run, read_manifest(output_dir))
         raise
     manifest = read_manifest(output_dir)
+    # This run committed, and then a later-started one committed too, replacing it.
+    refuse_if_superseded(run, manifest, outcome="this run's outputs were published, then replaced")
     if not manifest or manifest.get("run_id") != run.run_id:
         raise RuntimeError(f"the job ended but run {run.run_id} is not the output's committed run")
     summary = read_json(contract.listed_files(output_dir, manifest, contract.SUMMARY_FILE)[0])
