@@ -548,14 +548,14 @@ def _hardest_pairs(g):
     return _pick_pairs(g.dist, pos_col, neg_col)
 
 
-def _batch_hard_loss(g, margin):
+def _batch_hard_loss(g, hardest, margin):
     """Mean over anchors with a positive and a negative of max(0, max_p d - min_n d + margin).
 
-    The gradient of an anchor's hinge goes to its one hardest positive and negative pair
-    (:func:`_hardest_pairs`).
+    ``hardest`` = :func:`_hardest_pairs` of ``g``: the gradient of an anchor's hinge goes to that one
+    positive and negative pair.
     """
     anchor = tf.logical_and(g.n_pos > 0, g.n_neg > 0)  # [b, n]
-    hardest_pos, hardest_neg = _hardest_pairs(g)
+    hardest_pos, hardest_neg = hardest
     hinge = tf.maximum(hardest_pos - hardest_neg + margin, 0.0)
     total = tf.reduce_sum(tf.where(anchor, hinge, tf.zeros_like(hinge)), axis=-1)
     count = tf.reduce_sum(tf.cast(anchor, tf.float32), axis=-1)
@@ -691,18 +691,19 @@ def _bounded(loss, bound):
     return loss if math.isinf(bound) else tf.minimum(loss, bound)
 
 
-def _pair_statistics(g):
+def _pair_statistics(g, hardest):
     """Counts and distance summaries of positive and negative pairs of valid boxes.
 
     Counts are of unordered pairs; means, max and min are over ordered pairs, each unordered pair
     with its two computed distances ``d(i, j)``, ``d(j, i)`` (equal up to the Gram product's rounding),
-    so no ``i < j`` mask is formed; max and min come from each anchor's hardest pairs.
+    so no ``i < j`` mask is formed; max and min come from each anchor's hardest pairs ``hardest``
+    (:func:`_hardest_pairs`, which batch-hard uses too).
     """
     n_pos = tf.reduce_sum(tf.cast(g.n_pos, tf.int64), axis=-1)  # ordered pairs: twice the unordered ones
     n_neg = tf.reduce_sum(tf.cast(g.n_neg, tf.int64), axis=-1)
     pos_sum = _sum_pairs(tf.where(g.pos, g.dist, 0.0))
     neg_sum = _sum_pairs(tf.where(g.neg, g.dist, 0.0))
-    hardest_pos, hardest_neg = _hardest_pairs(g)
+    hardest_pos, hardest_neg = hardest
     pos_max = tf.reduce_max(tf.where(g.n_pos > 0, hardest_pos, 0.0), axis=-1)
     neg_min = tf.reduce_min(tf.where(g.n_neg > 0, hardest_neg, np.inf), axis=-1)
     return {
@@ -732,17 +733,18 @@ def _n_identities(labels, valid):
 def _statistics(g, labels, margin, distance, normalize):
     """The :data:`STATISTIC_NAMES` dict of sets whose geometry is ``g``."""
     side = _small_side(g)
+    hardest = _hardest_pairs(g)  # batch-hard's pairs, and the pair statistics' max / min
     hinge_sum, n_active = _batch_all_terms(g, side, margin)
     bound = _loss_bound(distance, normalize, margin)
     stats = {
         "n_boxes": tf.reduce_sum(tf.cast(g.valid, tf.int64), axis=-1),
         "n_identities": _n_identities(labels, g.valid),
-        **_pair_statistics(g),
+        **_pair_statistics(g, hardest),
         "n_triplets": _n_triplets(g),
         "n_active_triplets": n_active,
         "triplet_loss_sum": tf.maximum(hinge_sum, 0.0),
         "batch_all_loss": _bounded(_batch_all_loss(hinge_sum, n_active), bound),
-        "batch_hard_loss": _bounded(_batch_hard_loss(g, margin), bound),
+        "batch_hard_loss": _bounded(_batch_hard_loss(g, hardest, margin), bound),
         "semi_hard_loss": _bounded(_semi_hard_loss(g, side, margin), bound),
     }
     return {name: tf.cast(stats[name], tf.int64 if name in _COUNT_NAMES else tf.float32) for name in STATISTIC_NAMES}
@@ -810,7 +812,7 @@ def triplet_loss(
     margin = check_margin(margin)
     g = _geometry(embeddings, labels, distance, normalize)
     if mining == "batch_hard":
-        per_set = _batch_hard_loss(g, margin)
+        per_set = _batch_hard_loss(g, _hardest_pairs(g), margin)
     else:
         side = _small_side(g)
         if mining == "batch_all":
