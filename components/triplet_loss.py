@@ -31,7 +31,7 @@ With the negatives sorted and a positive ``p``, ``v = d(a, p) + margin``:
 
 With the positives sorted the same formulas run on negated distances (the hinge
 ``d(a,p) + m - d(a,n)`` is ``(l + m) - s`` either way), and semi-hard finds each
-sorted positive's nearest farther negative by a segment min and a running min.
+sorted positive's nearest farther negative by a segment min over ordered segments.
 
 Gradients do not flow through the sort: batch-all and semi-hard are count-weighted sums of
 distances plus ``margin`` times a count (``sum k(a,p) d(a,p) - sum c(a,n) d(a,n) + m * count``,
@@ -570,7 +570,7 @@ def _order_key(dist, cols):
     high word; ``~col``, low word.
 
     Non-negative float32 values order like their bits as integers, so no sign fix-up is needed.
-    One segment min / running min of these keys finds the nearest distance and, among exact
+    One segment min of these keys finds the nearest distance and, among exact
     ties, the highest column, together.
     """
     return tf.cast(tf.bitcast(dist, tf.int32), tf.int64) * 2**32 + (_COL_BITS - tf.cast(cols, tf.int64))
@@ -582,17 +582,21 @@ def _key_dist_and_col(keys):
     return dist, tf.cast(_COL_BITS - tf.bitwise.bitwise_and(keys, _COL_BITS), tf.int32)
 
 
-def _prefix_min(keys):
-    """Running min of int64 ``keys`` ``[..., m]`` along the last axis (log-step doubling)."""
+def _last_nonempty(keys):
+    """Each entry of int64 ``keys`` ``[m, w]`` replaced by the last non-empty one at or before it along the row.
+
+    Empty = ``int64 max`` (what a segment min gives an empty segment), also before a row's first non-empty
+    entry.  Where the non-empty entries of a row decrease (semi-hard's ordered segments), this is their
+    running min, from a cumulative sum, a segment min and a gather: no loop, which grappler could not merge
+    between the losses' and the statistics' copies of this graph.
+    """
     shape = tf.shape(keys)
-    m = shape[-1]
-
-    def body(shift, keys):
-        filler = tf.fill(tf.concat([shape[:-1], [shift]], 0), keys.dtype.max)
-        shifted = tf.concat([filler, keys[..., : m - shift]], -1)
-        return shift * 2, tf.minimum(keys, shifted)
-
-    return tf.while_loop(lambda shift, _: shift < m, body, [tf.constant(1), keys])[1]
+    rows, w = shape[0], shape[1]
+    ordinal = tf.cumsum(tf.cast(keys < keys.dtype.max, tf.int32), axis=-1)  # [m, w]: 0 before the first
+    # Entry o of a row: its o-th non-empty key (the empties after it are int64 max, which min ignores).
+    ids = ordinal + (w + 1) * tf.range(rows)[:, None]
+    compact = tf.math.unsorted_segment_min(keys, ids, rows * (w + 1))
+    return tf.gather(tf.reshape(compact, tf.stack([rows, w + 1])), ordinal, batch_dims=1)
 
 
 def _semi_hard_small_negatives(signed, large, values, cols, n_neg, margin):
@@ -620,8 +624,10 @@ def _semi_hard_small_positives(signed, large, values, cols, count, margin):
     Rows ``[m, n]``: signed = -d(a, .), large = negatives, values/cols ``[m, K]`` the sorted
     -d(a, p), count ``[m]`` positives per row.  A negative with ``r = searchsorted(-d(a,n),
     "right")`` is farther than the positives of sorted rank >= r, so n* of rank j is the
-    nearest negative with r <= j: a segment min of (d(a,n), -column) keys by r, then a
-    running min over j; the farthest negative when none is.  Returns weights ``[m, n]`` int32
+    nearest negative with r <= j: a segment min of (d(a,n), -column) keys by r, then the last
+    non-empty segment at or before j (each of segment r's negatives lies in ``(d_r, d_{r-1}]``
+    of the descending positive distances ``d``, so is nearer than any of an earlier segment);
+    the farthest negative when none is.  Returns weights ``[m, n]`` int32
     and active pairs per row ``[m]`` int32, as :func:`_semi_hard_small_negatives`.
     """
     shape = tf.shape(signed)
@@ -632,7 +638,7 @@ def _semi_hard_small_positives(signed, large, values, cols, count, margin):
     dist = tf.bitcast(tf.bitwise.bitwise_and(tf.bitcast(signed, tf.int32), 0x7FFFFFFF), tf.float32)  # -signed >= +0
     keys = _order_key(dist, tf.range(n))  # cols [n] broadcast: no [m, n] int64 column temporaries
     seg = tf.math.unsorted_segment_min(keys, ids, rows * (width + 2))
-    best = _prefix_min(tf.reshape(seg, tf.stack([rows, width + 2]))[:, :width])  # empty: int64 max
+    best = _last_nonempty(tf.reshape(seg, tf.stack([rows, width + 2]))[:, :width])  # empty: int64 max
     found = best < tf.int64.max
     best_dist, best_col = _key_dist_and_col(tf.where(found, best, tf.zeros_like(best)))
     farthest_col = tf.argmin(tf.where(large, signed, np.inf), axis=-1, output_type=tf.int32)
