@@ -236,7 +236,7 @@ def _squared_from_gram(x):
     # (a few 2**-24, relative) is far inside _gram_rounding's one extra term (relative 1 / (d + 2)).
     per_row = _gram_rounding(3.0 * sq, tf.shape(x)[-1] + _GRAM_EXTRA_OPS)  # [b, n, 1]
     rounding = per_row + tf.linalg.matrix_transpose(per_row)
-    d2 = tf.where(d2 > rounding, d2, tf.zeros_like(d2))  # the diagonal too: exactly 0
+    d2 = tf.where(d2 > rounding, d2, 0.0)  # the diagonal too: exactly 0
 
     def grad(upstream):
         w = upstream + tf.linalg.matrix_transpose(upstream)  # d2_ij depends on x_i and x_j
@@ -264,7 +264,7 @@ def _cosine_from_gram(unit, long_enough):
         d = _product64(tf.concat([u64, ones], -1), tf.concat([-u64, ones], -1))  # 1 - u_i.u_j
         # |1 - u.u| for unit rows: gamma for the dot product, twice that for the two lengths.
         rounding = _gram_rounding(tf.constant(4.0), tf.shape(unit)[-1] + _GRAM_EXTRA_OPS)
-        d = tf.where(d > rounding, d, tf.zeros_like(d))
+        d = tf.where(d > rounding, d, 0.0)
         d = tf.minimum(d, max_distance("cosine"))
         n = tf.shape(unit)[1]
         d = tf.linalg.set_diag(d, tf.zeros(tf.stack([tf.shape(unit)[0], n]), d.dtype))
@@ -282,7 +282,7 @@ def _cosine_from_gram(unit, long_enough):
 def _safe_sqrt(d2):
     """sqrt(d2) that is exactly 0 with a zero (finite) gradient where d2 <= SQRT_EPS."""
     positive = d2 > SQRT_EPS
-    return tf.where(positive, tf.sqrt(tf.maximum(d2, SQRT_EPS)), tf.zeros_like(d2))
+    return tf.where(positive, tf.sqrt(tf.maximum(d2, SQRT_EPS)), 0.0)
 
 
 def _distances(x, distance, normalize):
@@ -312,15 +312,15 @@ def _unit_distances(u, distance):
         else:
             positive = d2 > SQRT_EPS
             root = tf.sqrt(d2)  # d2 >= +0 (_squared_from_gram); the gradient is written out, so no guard
-            d = tf.minimum(tf.where(positive, root, tf.zeros_like(d2)), cap)
+            d = tf.minimum(tf.where(positive, root, 0.0), cap)
             # The root's slope where the distance is live, 1 / root, else 0 (div_no_nan of the zeroed root),
             # formed once per graph for every backward pass that uses these distances (the bench's three
             # losses: one, not three, mask-select-divide; pruned when no gradient is taken).
-            slope = tf.math.divide_no_nan(1.0, tf.where(root <= cap, d, tf.zeros_like(d)))
+            slope = tf.math.divide_no_nan(1.0, tf.where(root <= cap, d, 0.0))
 
         def grad(upstream):
             if distance == "squared":
-                w = tf.where(d2 <= cap, 2.0 * upstream, tf.zeros_like(upstream))
+                w = tf.where(d2 <= cap, 2.0 * upstream, 0.0)
             else:
                 w = upstream * slope
             w = w + tf.linalg.matrix_transpose(w)  # d_ij depends on u_i and u_j
@@ -357,10 +357,10 @@ def _unnormalized_distances(x, distance):
             live = d < DISTANCE_CAP  # capped distances are constant
             if distance == "euclidean":
                 live = tf.logical_and(live, d2 > SQRT_EPS)
-                safe_root = tf.where(live, root, tf.ones_like(root))
-                w = tf.where(live, upstream / safe_root, tf.zeros_like(upstream))
+                safe_root = tf.where(live, root, 1.0)
+                w = tf.where(live, upstream / safe_root, 0.0)
             else:
-                w = tf.where(live, 2.0 * upstream, tf.zeros_like(upstream))
+                w = tf.where(live, 2.0 * upstream, 0.0)
             w = w + tf.linalg.matrix_transpose(w)  # d_ij depends on x_i and x_j
             # sum_j w_ij (u_i - u_j) for every i
             du = tf.reduce_sum(w, axis=-1, keepdims=True) * u - tf.matmul(w, u)
@@ -411,7 +411,8 @@ def _geometry(embeddings, labels, distance, normalize):
     pos = tf.logical_and(tf.logical_and(both, same), not_self)
     neg = tf.logical_and(both, tf.logical_not(same))
     n_pos = tf.reduce_sum(tf.cast(pos, tf.int32), axis=-1)
-    n_neg = tf.reduce_sum(tf.cast(neg, tf.int32), axis=-1)
+    n_valid = tf.reduce_sum(tf.cast(valid, tf.int32), axis=-1, keepdims=True)
+    n_neg = tf.where(valid, n_valid - 1 - n_pos, 0)  # the other valid boxes, less a's positives
     return Geometry(dist, valid, pos, neg, n_pos, n_neg)
 
 
@@ -612,7 +613,7 @@ def _semi_hard_small_negatives(signed, large, values, cols, n_neg, margin):
     last = tf.minimum(tf.maximum(n_neg - 1, 0), width - 1)[:, None]  # n_neg <= width in these rows
     rank = tf.minimum(tf.searchsorted(values, signed, side="right"), last)
     pair = tf.logical_and(large, (n_neg > 0)[:, None])
-    chosen = tf.where(pair, tf.gather(values, rank, batch_dims=1), tf.zeros_like(signed))
+    chosen = tf.where(pair, tf.gather(values, rank, batch_dims=1), 0.0)
     active = tf.cast(tf.logical_and(pair, signed - chosen + margin > 0.0), tf.int32)
     uses = _row_counts(tf.gather(cols, rank, batch_dims=1), active, n)
     return active - uses, tf.reduce_sum(active, axis=-1)
@@ -643,7 +644,7 @@ def _semi_hard_small_positives(signed, large, values, cols, count, margin):
     best_dist, best_col = _key_dist_and_col(tf.where(found, best, tf.zeros_like(best)))
     farthest_col = tf.argmin(tf.where(large, signed, np.inf), axis=-1, output_type=tf.int32)
     col = tf.where(found, best_col, farthest_col[:, None])
-    chosen = tf.where(found, best_dist, -tf.gather(signed, col, batch_dims=1))  # d(a, n*)
+    chosen = tf.where(found, best_dist, -tf.gather(signed, farthest_col[:, None], batch_dims=1))  # d(a, n*)
     ranks = tf.range(width)[None, :]
     has_neg = tf.reduce_any(large, axis=-1, keepdims=True)
     pair = tf.logical_and(ranks < count[:, None], has_neg)
