@@ -17,8 +17,8 @@ cannot run off to ``-inf`` the way a raw Gram-matrix ("linear") loss does.
 
 Memory is O(batch * boxes^2), never O(boxes^3), although batch-all and semi-hard
 are exact over all triplets: for each anchor ``a`` the smaller side of its triplets
-(its negatives, or its positives when it has fewer) is sorted once, with ``top_k``
-of ``K = max_a min(n_pos, n_neg)`` values (:func:`_small_side`).
+(its negatives, or its positives when it has fewer) is read in label order and sorted
+once, ``K = max_a min(n_pos, n_neg)`` values per anchor (:func:`_small_side`).
 With the negatives sorted and a positive ``p``, ``v = d(a, p) + margin``:
 
 * ``k = searchsorted(sorted_neg[a], v, side="left")`` = number of negatives with
@@ -419,29 +419,55 @@ def _geometry(embeddings, labels, distance, normalize):
 _Side = collections.namedtuple("_Side", ["sign", "signed", "large", "values", "cols", "count"])
 
 
-def _small_side(g):
+def _small_side(g, labels):
     """Each anchor's smaller side of its triplets (positives or negatives), sorted.
 
     A triplet's hinge ``d(a,p) + m - d(a,n)`` reads ``(l + m) - s`` with ``s = d(a,n)``,
     ``l = d(a,p)`` (small side negatives) or ``s = -d(a,p)``, ``l = -d(a,n)`` (small side
-    positives), so one formula serves both; sorting only the smaller side costs
-    ``O(n^2 log K)`` with ``K`` = the largest smaller side (36 on the seed grid, ~85 with
-    20 identities) instead of a full ``O(n^2 log n)`` sort of every row.
+    positives), so one formula serves both.  Only the smaller side is read and sorted,
+    ``O(n K log K)`` with ``K`` = the largest smaller side (36 on the seed grid, ~85 with
+    20 identities), its columns found in label order (:func:`_small_side_columns`), instead of
+    a ``top_k`` over every ``[n, n]`` row.  Exact ties are in column order.
 
     Returns sign ``[b,n,1]`` (+1: small side = negatives), signed ``sign * d`` ``[b,n,n]``
     (no gradient), large ``[b,n,n]`` bool (the other side), values ``[b,n,K]`` ascending
-    (+inf past the side's size), cols ``[b,n,K]`` int32 their columns, count ``[b,n]`` sizes.
+    (+inf past the side's size), cols ``[b,n,K]`` int32 their columns (0 past it), count ``[b,n]`` sizes.
     """
     small_is_neg = g.n_neg <= g.n_pos
     flip = small_is_neg[:, :, None]
-    small = tf.where(flip, g.neg, g.pos)
     large = tf.where(flip, g.pos, g.neg)
     sign = tf.where(flip, tf.constant(1.0), tf.constant(-1.0))
     signed = sign * tf.stop_gradient(g.dist)
     count = tf.minimum(g.n_neg, g.n_pos)
     k = tf.maximum(tf.reduce_max(count), 1)
-    neg_values, cols = tf.math.top_k(tf.where(small, -signed, -np.inf), k=k, sorted=True)  # ascending signed
+    cols = _small_side_columns(g, labels, small_is_neg, k + 1)  # + 1: a positive block holds the anchor too
+    picked = tf.gather(signed, tf.maximum(cols, 0), batch_dims=2)
+    neg_values, rank = tf.math.top_k(tf.where(cols >= 0, -picked, -np.inf), k=k, sorted=True)  # ascending signed
+    cols = tf.maximum(tf.gather(cols, rank, batch_dims=2), 0)  # past the side's size: column 0, with weight 0
     return _Side(sign, signed, large, -neg_values, cols, count)
+
+
+def _small_side_columns(g, labels, small_is_neg, width):
+    """Columns ``[b, n, width]`` int32 of each anchor's smaller side, ascending, -1 past its end (labels int64).
+
+    In label order (ignored boxes first; a label's boxes in column order) an anchor's positives
+    and the anchor itself are one block, and its negatives are the valid boxes before and after
+    that block: each side is found by index arithmetic, without a ``[b, n, n]`` pass.
+    """
+    n = tf.shape(labels)[1]
+    keyed = tf.where(g.valid, labels, -1)
+    order = tf.argsort(keyed, axis=-1, stable=True)  # [b, n] int32: label order
+    start = tf.searchsorted(tf.gather(keyed, order, batch_dims=1), keyed, side="left", out_type=tf.int32)[..., None]
+    block = tf.where(g.valid, g.n_pos + 1, 0)[..., None]  # [b, n, 1]: the anchor's label block, from start
+    first = n - tf.reduce_sum(tf.cast(g.valid, tf.int32), axis=-1)[:, None, None]  # [b, 1, 1]: first valid box
+    j = tf.range(width)  # [width]
+    skip_block = tf.where(first + j >= start, block, 0)
+    at = tf.where(small_is_neg[..., None], first + j + skip_block, start + j)  # [b, n, width] in label order
+    inside = j < tf.where(small_is_neg, g.n_neg, g.n_pos + 1)[..., None]
+    cols = tf.gather(order, tf.where(inside, at, 0), batch_dims=1)
+    own = tf.equal(cols, tf.range(n)[None, :, None])
+    # Negatives of several labels come label by label: sorted, ties stay in column order.
+    return tf.sort(tf.where(tf.logical_and(inside, tf.logical_not(own)), cols, -1), axis=-1)
 
 
 def _row_counts(index, weight, depth):
@@ -739,7 +765,7 @@ def _n_identities(labels, valid):
 
 def _statistics(g, labels, margin, distance, normalize):
     """The :data:`STATISTIC_NAMES` dict of sets whose geometry is ``g``."""
-    side = _small_side(g)
+    side = _small_side(g, labels)
     hardest = _hardest_pairs(g)  # batch-hard's pairs, and the pair statistics' max / min
     hinge_sum, n_active = _batch_all_terms(g, side, margin)
     bound = _loss_bound(distance, normalize, margin)
@@ -817,11 +843,12 @@ def triplet_loss(
     check_mining(mining)
     check_distance(distance)
     margin = check_margin(margin)
+    labels = tf.cast(tf.convert_to_tensor(labels), tf.int64)  # as triplet_statistics: one graph for both
     g = _geometry(embeddings, labels, distance, normalize)
     if mining == "batch_hard":
         per_set = _batch_hard_loss(g, _hardest_pairs(g), margin)
     else:
-        side = _small_side(g)
+        side = _small_side(g, labels)
         if mining == "batch_all":
             per_set = _batch_all_loss(*_batch_all_terms(g, side, margin))
         else:
