@@ -412,6 +412,39 @@ def test_unknown_shapes_inside_tf_function(distance, normalize):
         assert np.abs(grad.numpy()).max() > 0
 
 
+def test_small_side_is_each_anchors_smaller_side_sorted_with_ties_in_column_order():
+    """The sorted side that batch-all and semi-hard search: the right boxes, ascending, ties by column.
+
+    Integer vectors give many exact distance ties; five labels of unequal sizes (so an anchor's
+    negatives span several labels) and ignored boxes (-1 and -2) in two padded sets.  The
+    reference reads the module's own distances: this checks selection and order, not distances.
+    """
+    rng = np.random.default_rng(5)
+    e = rng.integers(-1, 2, size=(2, 40, 3)).astype(np.float32)
+    lab = rng.choice([-2, -1, 0, 1, 2, 3, 4], p=[0.05, 0.05, 0.45, 0.2, 0.1, 0.1, 0.05], size=(2, 40))
+    g = T.pair_geometry(e, lab)
+    side = T._small_side(g, tf.constant(lab, tf.int64))
+    dist, values, cols = g.dist.numpy(), side.values.numpy(), side.cols.numpy()
+    boxes = np.arange(lab.shape[1])
+    sides_seen = set()
+    for b, a in itertools.product(range(lab.shape[0]), boxes):
+        valid = lab[b] >= 0
+        pos = valid & (lab[b] == lab[b, a]) & (boxes != a) & valid[a]
+        neg = valid & (lab[b] != lab[b, a]) & valid[a]
+        small, sign = (neg, 1.0) if neg.sum() <= pos.sum() else (pos, -1.0)
+        want_cols = np.flatnonzero(small)
+        key = sign * dist[b, a, want_cols]
+        order = np.lexsort((want_cols, key))  # by signed distance, then by column
+        k = len(want_cols)
+        assert side.count.numpy()[b, a] == k
+        np.testing.assert_array_equal(cols[b, a, :k], want_cols[order])
+        np.testing.assert_array_equal(values[b, a, :k], key[order])
+        assert np.isposinf(values[b, a, k:]).all()
+        sides_seen.add((sign, len(set(lab[b, want_cols])) > 1, len(np.unique(key)) < k))
+    # Both sides occur, negatives of several labels occur, and so do ties.
+    assert {(1.0, True, True), (-1.0, False, True)} <= sides_seen, sides_seen
+
+
 @pytest.mark.parametrize("pattern", ["seed", "identities", "balanced"])
 def test_statistics_of_larger_sets_where_either_side_is_the_smaller(pattern):
     """Sets of 40-90 boxes where some anchors sort their negatives and others their positives.
