@@ -86,6 +86,7 @@ __all__ = [
     "pairwise_distances",
     "statistics_and_histograms",
     "triplet_loss",
+    "triplet_losses",
     "triplet_statistics",
     "triplet_statistics_and_histograms",
     "vector_norms",
@@ -841,22 +842,43 @@ def triplet_loss(
     ``[0, max_distance + margin]``.
     """
     check_mining(mining)
+    settings = dict(margin=margin, distance=distance, normalize=normalize)
+    return triplet_losses(embeddings, labels, minings=(mining,), **settings)[mining]
+
+
+def triplet_losses(
+    embeddings, labels, *, minings=MINING, margin=DEFAULT_MARGIN, distance=DEFAULT_DISTANCE, normalize=True
+) -> dict:
+    """``{mining: triplet_loss(..., mining=mining)}`` for several minings, from one geometry and one sort.
+
+    For a loss that combines minings, or logs them all: the distances, masks and sorted sides are
+    formed once and their gradient is taken once for the sum, where separate :func:`triplet_loss`
+    calls run one distance backward pass each.
+    """
+    minings = tuple(minings)
+    if not minings or len(set(minings)) != len(minings):
+        raise ValueError(f"minings must name distinct minings of {MINING}, got {minings!r}")
+    for mining in minings:
+        check_mining(mining)
     check_distance(distance)
     margin = check_margin(margin)
     labels = tf.cast(tf.convert_to_tensor(labels), tf.int64)  # as triplet_statistics: one graph for both
     g = _geometry(embeddings, labels, distance, normalize)
-    if mining == "batch_hard":
-        per_set = _batch_hard_loss(g, _hardest_pairs(g), margin)
-    else:
-        side = _small_side(g, labels)
-        if mining == "batch_all":
+    side = None if minings == ("batch_hard",) else _small_side(g, labels)
+    bound = _loss_bound(distance, normalize, margin)
+    has_triplet = _n_triplets(g) > 0
+    sets_with_triplets = tf.reduce_sum(tf.cast(has_triplet, tf.float32))
+    losses = {}
+    for mining in minings:
+        if mining == "batch_hard":
+            per_set = _batch_hard_loss(g, _hardest_pairs(g), margin)
+        elif mining == "batch_all":
             per_set = _batch_all_loss(*_batch_all_terms(g, side, margin))
         else:
             per_set = _semi_hard_loss(g, side, margin)
-    per_set = _bounded(per_set, _loss_bound(distance, normalize, margin))
-    has_triplet = _n_triplets(g) > 0
-    total = tf.reduce_sum(tf.where(has_triplet, per_set, tf.zeros_like(per_set)))
-    return tf.math.divide_no_nan(total, tf.reduce_sum(tf.cast(has_triplet, tf.float32)))
+        per_set = tf.where(has_triplet, _bounded(per_set, bound), 0.0)
+        losses[mining] = tf.math.divide_no_nan(tf.reduce_sum(per_set), sets_with_triplets)
+    return losses
 
 
 def merge_sets(embeddings, labels):

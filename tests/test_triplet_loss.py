@@ -495,10 +495,19 @@ def expected_loss(sets, mining, margin, distance, normalize):
 def test_triplet_loss_is_mean_over_sets_with_triplets(distance, normalize):
     sets = make_sets(seed=2, normalized=normalize or distance == "cosine")
     emb, lab = pad_batch(sets)
+    together = T.triplet_losses(emb, lab, minings=T.MINING, distance=distance, normalize=normalize)
+    assert list(together) == list(T.MINING)
     for mining in T.MINING:
-        got = float(T.triplet_loss(emb, lab, mining=mining, distance=distance, normalize=normalize))
         want, tol = expected_loss(sets, mining, 0.2, distance, normalize)
+        got = float(T.triplet_loss(emb, lab, mining=mining, distance=distance, normalize=normalize))
         assert abs(got - want) <= tol, (mining, got, want, tol)
+        assert abs(float(together[mining]) - want) <= tol, (mining, float(together[mining]), want, tol)
+
+
+@pytest.mark.parametrize("minings", [(), ("batch_all", "batch_all"), ("batch_all", "hardest")])
+def test_triplet_losses_refuses_empty_repeated_or_unknown_minings(minings):
+    with pytest.raises(ValueError):
+        T.triplet_losses(np.zeros((1, 3, 2), np.float32), np.zeros((1, 3), np.int32), minings=minings)
 
 
 def test_triplet_loss_zero_without_triplets():
@@ -558,9 +567,14 @@ def gradient_tolerance(emb, lab, distance, normalize, h):
     "distance,normalize",
     [("euclidean", True), ("squared", True), ("cosine", True), ("euclidean", False), ("squared", False)],
 )
-@pytest.mark.parametrize("mining", T.MINING)
+@pytest.mark.parametrize("mining", [*T.MINING, "all three"])
 def test_gradient_matches_finite_differences(distance, normalize, mining):
-    """The sort/searchsorted tricks must give the true gradient of the brute-force loss."""
+    """The sort/searchsorted tricks must give the true gradient of the brute-force loss.
+
+    "all three": the sum of :func:`triplet_losses` (one geometry, one backward pass for the sum),
+    whose finite-difference bound is the sum of the three losses' bounds.
+    """
+    minings = T.MINING if mining == "all three" else (mining,)
     rng = np.random.default_rng(5)
     emb = rng.normal(size=(2, 7, 3))
     lab = np.array([[0, 0, 1, 1, 0, 2, 1], [3, 3, 3, 4, 4, -1, 4]])
@@ -569,11 +583,11 @@ def test_gradient_matches_finite_differences(distance, normalize, mining):
     def ref_loss(flat):
         e = flat.reshape(emb.shape)
         losses = [ref_set(e[b], lab[b], margin, distance, normalize) for b in range(2)]
-        return float(np.mean([r[MINING_KEY[mining]] for r in losses]))
+        return sum(float(np.mean([r[MINING_KEY[m]] for r in losses])) for m in minings)
 
     h = 1e-6
     bounds = [gradient_tolerance(emb[b], lab[b], distance, normalize, h) for b in range(2)]
-    tol = max(t for t, _ in bounds)
+    tol = len(minings) * max(t for t, _ in bounds)
     for b, (_, moved) in enumerate(bounds):  # no kink of the loss within the step's reach
         assert_well_conditioned(
             emb[b],
@@ -587,7 +601,11 @@ def test_gradient_matches_finite_differences(distance, normalize, mining):
     x = tf.constant(emb, tf.float32)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        loss = T.triplet_loss(x, lab, mining=mining, margin=margin, distance=distance, normalize=normalize)
+        settings = dict(margin=margin, distance=distance, normalize=normalize)
+        if mining == "all three":
+            loss = tf.add_n(list(T.triplet_losses(x, lab, minings=minings, **settings).values()))
+        else:
+            loss = T.triplet_loss(x, lab, mining=mining, **settings)
     got = tape.gradient(loss, x).numpy()
     assert np.abs(want).max() > 1e-3  # the case is not degenerate
     assert np.abs(got - want).max() <= tol, (np.abs(got - want).max(), tol)
