@@ -211,6 +211,21 @@ def _gram_rounding(magnitude, terms):
     return k / (1.0 - k) * magnitude
 
 
+def _gram_squared(x):
+    """Squared distances ``[b, n, n]`` float32 of rows ``x`` ``[b, n, d]`` from one float64 product, not yet
+    cleaned, and its rounding bound per row ``[b, n, 1]``: entry ``(i, j)`` is within ``row_i + row_j``
+    (:func:`_squared_from_gram`).
+    """
+    sq64 = tf.reduce_sum(tf.square(tf.cast(x, tf.float64)), axis=-1, keepdims=True)  # [b, n, 1]
+    ones = tf.ones_like(sq64)
+    x64 = tf.cast(x, tf.float64)
+    d2 = _product64(tf.concat([x64, sq64, ones], -1), tf.concat([-2.0 * x64, ones, sq64], -1))
+    # gamma * 3 |x_i|^2 per row; its float32 rounding (a few 2**-24, relative) is far inside
+    # _gram_rounding's one extra term (relative 1 / (d + 2)).
+    per_row = _gram_rounding(3.0 * tf.cast(sq64, tf.float32), tf.shape(x)[-1] + _GRAM_EXTRA_OPS)
+    return d2, per_row
+
+
 @tf.custom_gradient
 def _squared_from_gram(x):
     """Squared Euclidean distances ``[b, n, n]`` float32 of rows of ``x`` ``[b, n, d]`` float32, >= 0.
@@ -228,16 +243,8 @@ def _squared_from_gram(x):
     Gradient (float32, written out so no float64 matmul runs backward):
     ``d d2_ij / d x_i = 2 (x_i - x_j)``.
     """
-    sq64 = tf.reduce_sum(tf.square(tf.cast(x, tf.float64)), axis=-1, keepdims=True)  # [b, n, 1]
-    ones = tf.ones_like(sq64)
-    x64 = tf.cast(x, tf.float64)
-    d2 = _product64(tf.concat([x64, sq64, ones], -1), tf.concat([-2.0 * x64, ones, sq64], -1))
-    sq = tf.cast(sq64, tf.float32)
-    # gamma * 3 |x_i|^2 + gamma * 3 |x_j|^2: per row, then one [b, n, n] add (not three); its float32 rounding
-    # (a few 2**-24, relative) is far inside _gram_rounding's one extra term (relative 1 / (d + 2)).
-    per_row = _gram_rounding(3.0 * sq, tf.shape(x)[-1] + _GRAM_EXTRA_OPS)  # [b, n, 1]
-    rounding = per_row + tf.linalg.matrix_transpose(per_row)
-    d2 = tf.where(d2 > rounding, d2, 0.0)  # the diagonal too: exactly 0
+    d2, per_row = _gram_squared(x)
+    d2 = tf.where(d2 > per_row + tf.linalg.matrix_transpose(per_row), d2, 0.0)  # the diagonal too: exactly 0
 
     def grad(upstream):
         w = upstream + tf.linalg.matrix_transpose(upstream)  # d2_ij depends on x_i and x_j
@@ -307,13 +314,15 @@ def _unit_distances(u, distance):
 
     @tf.custom_gradient
     def distances(u):
-        d2 = _squared_from_gram(u)
+        d2, per_row = _gram_squared(u)
+        # Rows of norm 1 or 0: twice the largest row bound covers every entry of the set (as
+        # _squared_from_gram's clean-up, without its [b, n, n] bound); below SQRT_EPS the root is 0 anyway.
+        rounding = 2.0 * tf.reduce_max(per_row, axis=[1, 2], keepdims=True)
         if distance == "squared":
-            d = tf.minimum(d2, cap)
+            d = tf.minimum(tf.where(d2 > rounding, d2, 0.0), cap)
         else:
-            positive = d2 > SQRT_EPS
-            root = tf.sqrt(d2)  # d2 >= +0 (_squared_from_gram); the gradient is written out, so no guard
-            d = tf.minimum(tf.where(positive, root, 0.0), cap)
+            root = tf.sqrt(tf.where(d2 > tf.maximum(rounding, SQRT_EPS), d2, 0.0))
+            d = tf.minimum(root, cap)
             # The root's slope where the distance is live, 1 / root, else 0 (div_no_nan of the zeroed root),
             # formed once per graph for every backward pass that uses these distances (the bench's three
             # losses: one, not three, mask-select-divide; pruned when no gradient is taken).
