@@ -599,24 +599,26 @@ def _batch_hard_loss(g, hardest, margin):
     return tf.math.divide_no_nan(total, count)
 
 
-_COL_BITS = 0xFFFFFFFF  # low word of an order key
+# Low bits of an order key: a float32 read as float64 leaves the low 29 of its 52 mantissa bits 0,
+# which hold the column (columns < 2**29).
+_COL_MASK = 2**29 - 1
 
 
-def _order_key(dist, cols):
-    """int64 keys ordered like ``(dist, -cols)`` for ``dist >= +0`` (cols broadcast against dist): float32 bits,
-    high word; ``~col``, low word.
+def _order_key(neg_dist, cols):
+    """int64 keys ordered like ``(d, -cols)`` of float32 ``neg_dist = -d <= -0`` (cols broadcast against it).
 
-    Non-negative float32 values order like their bits as integers, so no sign fix-up is needed.
-    One segment min of these keys finds the nearest distance and, among exact
-    ties, the highest column, together.
+    The bits of a negative float64, read as int64, grow with its magnitude, so the keys of
+    ``-d`` grow with ``d``; ``_COL_MASK - col`` fills the low bits.  One segment min of these keys
+    finds the nearest distance and, among exact ties, the highest column, together.
     """
-    return tf.cast(tf.bitcast(dist, tf.int32), tf.int64) * 2**32 + (_COL_BITS - tf.cast(cols, tf.int64))
+    return tf.bitcast(tf.cast(neg_dist, tf.float64), tf.int64) + (_COL_MASK - tf.cast(cols, tf.int64))
 
 
 def _key_dist_and_col(keys):
-    """Inverse of :func:`_order_key`: (float32 distances, int32 cols)."""
-    dist = tf.bitcast(tf.cast(tf.bitwise.right_shift(keys, 32), tf.int32), tf.float32)
-    return dist, tf.cast(_COL_BITS - tf.bitwise.bitwise_and(keys, _COL_BITS), tf.int32)
+    """Inverse of :func:`_order_key`: (float32 distances ``d``, int32 cols)."""
+    low = tf.bitwise.bitwise_and(keys, _COL_MASK)
+    dist = -tf.cast(tf.bitcast(keys - low, tf.float64), tf.float32)
+    return dist, tf.cast(_COL_MASK - low, tf.int32)
 
 
 def _last_nonempty(keys):
@@ -672,8 +674,7 @@ def _semi_hard_small_positives(signed, large, values, cols, count, margin):
     width = tf.shape(values)[-1]
     r = tf.searchsorted(values, signed, side="right")  # [m, n]
     ids = tf.where(large, r, width + 1) + (width + 2) * tf.range(rows)[:, None]
-    dist = tf.bitcast(tf.bitwise.bitwise_and(tf.bitcast(signed, tf.int32), 0x7FFFFFFF), tf.float32)  # -signed >= +0
-    keys = _order_key(dist, tf.range(n))  # cols [n] broadcast: no [m, n] int64 column temporaries
+    keys = _order_key(signed, tf.range(n))  # cols [n] broadcast: no [m, n] int64 column temporaries
     seg = tf.math.unsorted_segment_min(keys, ids, rows * (width + 2))
     best = _last_nonempty(tf.reshape(seg, tf.stack([rows, width + 2]))[:, :width])  # empty: int64 max
     found = best < tf.int64.max
