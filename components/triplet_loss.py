@@ -572,16 +572,25 @@ def _pick_pairs(dist, pos_col, neg_col):
     return pick(dist)
 
 
-def _hardest_pairs(g):
+def _hardest_pairs(g, side=None):
     """Each anchor's farthest positive and nearest negative distance ``[b, n]`` (any value where it has none).
 
-    Picked by ``argmax`` / ``argmin`` (the lowest column among exact ties) and gathered, so a gradient
-    goes to that one pair; ``reduce_max`` would split it between tied pairs and cost an ``[b, n, n]``
-    equality mask, a division and two selects backward.  Same value either way.
+    Picked by column (the lowest among exact ties) and gathered, so a gradient goes to that one pair;
+    ``reduce_max`` would split it between tied pairs and cost an ``[b, n, n]`` equality mask, a division
+    and two selects backward.  Same value either way.  Both are the largest ``sign * d`` of a side: where
+    the sorted sides are formed anyway (``side``, :func:`_small_side`), the small side's first entry and
+    one ``argmax`` over the large side; else (batch-hard alone) an ``argmax`` and an ``argmin`` of ``d``.
     """
-    dist = tf.stop_gradient(g.dist)
-    pos_col = tf.argmax(tf.where(g.pos, dist, -1.0), axis=-1, output_type=tf.int32)  # [b, n]; distances >= 0
-    neg_col = tf.argmin(tf.where(g.neg, dist, np.inf), axis=-1, output_type=tf.int32)
+    if side is None:
+        dist = tf.stop_gradient(g.dist)
+        pos_col = tf.argmax(tf.where(g.pos, dist, -1.0), axis=-1, output_type=tf.int32)  # distances >= 0
+        neg_col = tf.argmin(tf.where(g.neg, dist, np.inf), axis=-1, output_type=tf.int32)
+        return _pick_pairs(g.dist, pos_col, neg_col)
+    small_col = side.cols[..., 0]  # [b, n]; ascending signed values, ties by column
+    large_col = tf.argmax(tf.where(side.large, side.signed, -np.inf), axis=-1, output_type=tf.int32)
+    small_is_neg = side.sign[..., 0] > 0.0
+    pos_col = tf.where(small_is_neg, large_col, small_col)
+    neg_col = tf.where(small_is_neg, small_col, large_col)
     return _pick_pairs(g.dist, pos_col, neg_col)
 
 
@@ -777,7 +786,7 @@ def _n_identities(labels, valid):
 def _statistics(g, labels, margin, distance, normalize):
     """The :data:`STATISTIC_NAMES` dict of sets whose geometry is ``g``."""
     side = _small_side(g, labels)
-    hardest = _hardest_pairs(g)  # batch-hard's pairs, and the pair statistics' max / min
+    hardest = _hardest_pairs(g, side)  # batch-hard's pairs, and the pair statistics' max / min
     hinge_sum, n_active = _batch_all_terms(g, side, margin)
     bound = _loss_bound(distance, normalize, margin)
     stats = {
@@ -881,7 +890,7 @@ def triplet_losses(
     losses = {}
     for mining in minings:
         if mining == "batch_hard":
-            per_set = _batch_hard_loss(g, _hardest_pairs(g), margin)
+            per_set = _batch_hard_loss(g, _hardest_pairs(g, side), margin)
         elif mining == "batch_all":
             per_set = _batch_all_loss(*_batch_all_terms(g, side, margin))
         else:

@@ -640,11 +640,13 @@ def batch_hard_gradient_reference(emb, lab, margin):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_batch_hard_gradient_goes_to_the_lowest_tied_column(tied):
+@pytest.mark.parametrize("with_batch_all", [False, True])
+def test_batch_hard_gradient_goes_to_the_lowest_tied_column(tied, with_batch_all):
     """batch_hard's gradient, by hand: tie-free, and on exact ties (all to the lowest column).
 
     Small integer points, 8 anchors, all active (margin 50): every distance, weight (2 / 8) and
-    gradient sum is exact in float32 in any order, so the comparison is exact.
+    gradient sum is exact in float32 in any order, so the comparison is exact.  With batch-all in
+    the same triplet_losses call the hardest pairs are read off the sorted sides: the same rule.
     """
     if tied:  # from (0, 0): three positives at 4, two negatives at 25; from (6, 6): two negatives at 52
         emb = np.array([[0, 0], [2, 0], [0, 2], [-2, 0], [5, 0], [0, -5], [6, 6], [-6, 5]], np.float64)
@@ -656,7 +658,11 @@ def test_batch_hard_gradient_goes_to_the_lowest_tied_column(tied):
     x = tf.constant(emb[None], tf.float32)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        loss = T.triplet_loss(x, lab[None], mining="batch_hard", margin=50.0, distance="squared", normalize=False)
+        settings = dict(margin=50.0, distance="squared", normalize=False)
+        if with_batch_all:
+            loss = T.triplet_losses(x, lab[None], minings=("batch_all", "batch_hard"), **settings)["batch_hard"]
+        else:
+            loss = T.triplet_loss(x, lab[None], mining="batch_hard", **settings)
     np.testing.assert_array_equal(tape.gradient(loss, x).numpy()[0], want)
 
 
