@@ -15,7 +15,9 @@ measurements are interleaved, `--repeats` rounds, and each keeps its fastest and
 round: the machine is shared, so ratios are
 taken within one process, of the fastest rounds.  `--module PATH` times another version
 of the loss module (e.g. `git show REV:components/triplet_loss.py > /tmp/old.py`) in the
-same run, for before/after figures.
+same run, for before/after figures.  TensorFlow's CPU allocator is the one `tripletflow` gives it
+(BFC, `pipelines.cli.use_bfc_cpu_allocator`); `TF_CPU_ALLOCATOR_USE_BFC=false` in the environment
+times TensorFlow's default instead.
 
     .venv/bin/python bench/bench_loss.py                       # ~3 minutes on 2 cores
     .venv/bin/python bench/bench_loss.py --module /tmp/old.py  # adds the old module's rows
@@ -204,6 +206,10 @@ def main():
         print(json.dumps(run_case(args)))
         return
 
+    sys.path.insert(0, ROOT)
+    from pipelines import cli
+
+    cli.use_bfc_cpu_allocator()  # as `tripletflow` runs; the cases' processes inherit it
     modules = [("this", None)] + ([("--module", os.path.abspath(args.module))] if args.module else [])
     results = []
     for case in args.cases:
@@ -230,7 +236,8 @@ def main():
 
     print(
         f"{args.device}; {os.cpu_count()} cores; load average at the end {os.getloadavg()[0]:.1f}; dim {DIM}, "
-        f"margin {MARGIN}, euclidean, normalized; fastest of {args.repeats} interleaved rounds (median in brackets)"
+        f"margin {MARGIN}, euclidean, normalized; {cli.BFC_ALLOCATOR_ENV}={os.environ[cli.BFC_ALLOCATOR_ENV]}; "
+        f"fastest of {args.repeats} interleaved rounds (median in brackets)"
     )
     print(
         f"\nOne set of {args.boxes} boxes, forward+backward; numpy = sort-and-prefix-sum batch-all, forward only; "

@@ -25,7 +25,7 @@ from apache_beam.portability.api import beam_runner_api_pb2
 from components import sample_data
 from components.embedding_stats.executor import execute
 from components.embedding_stats.options import EmbeddingStatsOptions, validate_options
-from pipelines import embedding_stats
+from pipelines import cli, embedding_stats
 from pipelines.exit_codes import ExitCode
 from schemas import contract
 
@@ -322,6 +322,8 @@ def test_dockerfile_matches_the_installed_stack_and_points_at_the_entry_point():
         relative
     )
     assert (REPO / relative).is_file()
+    # The workers do not start through `tripletflow`: the image sets what the CLI sets for its own workers.
+    assert re.search(rf"^ENV {cli.BFC_ALLOCATOR_ENV}=true$", text, re.M)
 
 
 def test_flex_template_entry_point_runs_the_cli(tmp_path):

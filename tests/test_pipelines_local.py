@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,21 @@ def test_the_cli_caps_malloc_arenas_for_itself_and_its_workers(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "7")
     cli.bound_malloc_arenas()
     assert os.environ["MALLOC_ARENA_MAX"] == "7"  # the user's setting wins
+
+
+def test_the_cli_gives_tensorflow_its_bfc_cpu_allocator_unless_the_user_chose(monkeypatch):
+    from pipelines import cli
+
+    monkeypatch.setenv(cli.BFC_ALLOCATOR_ENV, "")  # recorded, so the teardown restores the real environment
+    monkeypatch.delenv(cli.BFC_ALLOCATOR_ENV)
+    # TensorFlow reports allocator statistics for CPU:0 only from a BFC allocator: the setting took effect.
+    probe = (
+        "from pipelines import cli; cli.use_bfc_cpu_allocator(); import tensorflow as tf; tf.ones([256, 256]); "
+        "print(tf.config.experimental.get_memory_info('CPU:0')['peak'] >= 256 * 256 * 4)"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "True", done.stderr[-2000:]
+    monkeypatch.setenv(cli.BFC_ALLOCATOR_ENV, "false")
+    cli.use_bfc_cpu_allocator()
+    assert os.environ[cli.BFC_ALLOCATOR_ENV] == "false"  # the user's setting wins
