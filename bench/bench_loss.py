@@ -17,7 +17,8 @@ taken within one process, of the fastest rounds.  `--module PATH` times another 
 of the loss module (e.g. `git show REV:components/triplet_loss.py > /tmp/old.py`) in the
 same run, for before/after figures.  TensorFlow's CPU allocator is the one `tripletflow` gives it
 (BFC, `pipelines.cli.use_bfc_cpu_allocator`); `TF_CPU_ALLOCATOR_USE_BFC=false` in the environment
-times TensorFlow's default instead.
+times TensorFlow's default instead.  glibc's malloc keeps the numpy baseline's arrays
+(`BASELINE_MALLOC`), so neither side of a ratio pays fresh pages each round.
 
     .venv/bin/python bench/bench_loss.py                       # ~3 minutes on 2 cores
     .venv/bin/python bench/bench_loss.py --module /tmp/old.py  # adds the old module's rows
@@ -47,6 +48,10 @@ BATCH = 16  # the Trainer's and the pipeline's batch of padded sets
 SPARSE_BOXES, SPARSE_PADDED = 85, 96  # ~5% of the grid's boxes hold an object; padded as the pipeline pads
 NORM_EPS = 1e-12
 TARGET_ALL, TARGET_BATCH_ALL, TARGET_PEAK_MB = 2.0, 1.5, 300.0
+# glibc malloc serves the numpy baseline's arrays (up to 23 MB) from its heap, kept, instead of fresh
+# pages from the OS each round: under TensorFlow's BFC allocator nothing else keeps that heap warm,
+# and the page faults (5.6 us a page on AMD VMs here) made numpy 20-30% slower, flattering the ratios.
+BASELINE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 def make_labels(pattern, boxes, rng):
@@ -210,6 +215,8 @@ def main():
     from pipelines import cli
 
     cli.use_bfc_cpu_allocator()  # as `tripletflow` runs; the cases' processes inherit it
+    for name, value in BASELINE_MALLOC.items():
+        os.environ.setdefault(name, value)
     modules = [("this", None)] + ([("--module", os.path.abspath(args.module))] if args.module else [])
     results = []
     for case in args.cases:
