@@ -5,7 +5,8 @@ about half the boxes valid) plus a MANIFEST.json, then measures in the same proc
   1. input pipeline alone: Parquet -> regrouped, shuffled, padded batches (examples/s);
   2. training step alone: the same batches cached in memory, fed again and again (examples/s);
   3. the whole training epoch (Executor, no export) = both together (examples/s).
-The ratios say which one bounds training. Prints a JSON line last.
+The ratios say which one bounds training. Prints a JSON line last.  TensorFlow runs with the
+CPU allocator `tripletflow train` gives it (BFC; `TF_CPU_ALLOCATOR_USE_BFC=false` for its default).
 
     python bench/bench_trainer.py [--examples 256] [--batch-size 16] [--mining batch_all] [--mixed-precision]
 """
@@ -27,7 +28,10 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from components import sample_data  # noqa: E402
+from pipelines import cli  # noqa: E402
 from schemas import contract  # noqa: E402
+
+cli.use_bfc_cpu_allocator()  # TensorFlow's CPU allocator as `tripletflow train` runs it (before TF is imported)
 
 ROWS_PER_FILE = 200_000  # Parquet rows per vectors file
 WARMUP_STEPS = 2  # steps run before timing (tracing)
