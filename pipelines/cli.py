@@ -60,7 +60,8 @@ def bound_malloc_arenas() -> None:
 # TensorFlow's default CPU allocator returns each large freed tensor to the OS, so every step
 # page-faults the loss graph's [boxes, boxes] temporaries in again (11 MB each for a set of
 # 1,690 boxes, 183 MB for a batch of 16; 5.6 us a 4 KiB page on this workplace's VMs). Its BFC
-# allocator keeps freed blocks for reuse: dense batches 1.7x faster (bench/README_loss.md).
+# allocator keeps freed blocks for reuse: the Trainer's step 1.6x and the loss graph on dense batches
+# 1.7x faster there (bench/README_trainer.md, bench/README_loss.md).
 BFC_ALLOCATOR_ENV = "TF_CPU_ALLOCATOR_USE_BFC"
 
 
