@@ -12,6 +12,8 @@ time(small) - small * marginal.
     git worktree add /tmp/before <commit>            # A/B: another checkout's pipeline, interleaved
     .venv/bin/python bench/bench_stats.py --shape sparse --compare /tmp/before
 Targets: pipeline marginal cost <= 2x the floor's; start-up < 10 s; peak memory flat in size.
+Pipeline and floor run TensorFlow with the CPU allocator `tripletflow run` gives it (BFC;
+`TF_CPU_ALLOCATOR_USE_BFC=false` for its default).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipelines import cli  # noqa: E402
 from schemas import contract  # noqa: E402
+
+cli.use_bfc_cpu_allocator()  # TensorFlow's CPU allocator as `tripletflow run` gives it, in both children
 
 SHAPES = {"dense": 0.0, "sparse": 0.95}  # --empty-fraction of each shape
 # Two sizes per shape: dense grids cost ~0.25 s/example on 2 cores (O(boxes^2) loss graph), so
