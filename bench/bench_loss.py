@@ -11,8 +11,8 @@ backward passes); batch-all alone forward+backward within 1.5x; peak memory unde
 
 Each case runs in a fresh subprocess (peak memory = growth of ru_maxrss over the process
 after importing TensorFlow; on a GPU, the device allocator's peak).  Inside it the
-measurements are interleaved, `--repeats` rounds, and each keeps its fastest and median
-round: the machine is shared, so ratios are
+measurements are interleaved, `--repeats` rounds (a sparse16 round: `SPARSE_CALLS_PER_ROUND` calls),
+and each keeps its fastest and median round: the machine is shared, so ratios are
 taken within one process, of the fastest rounds.  `--module PATH` times another version
 of the loss module (e.g. `git show REV:components/triplet_loss.py > /tmp/old.py`) in the
 same run, for before/after figures.  TensorFlow's CPU allocator is the one `tripletflow` gives it
@@ -48,6 +48,8 @@ BATCH = 16  # the Trainer's and the pipeline's batch of padded sets
 SPARSE_BOXES, SPARSE_PADDED = 85, 96  # ~5% of the grid's boxes hold an object; padded as the pipeline pads
 NORM_EPS = 1e-12
 TARGET_ALL, TARGET_BATCH_ALL, TARGET_PEAK_MB = 2.0, 1.5, 300.0
+# A sparse16 call takes ~10 ms, near the machine's scheduling noise: its rounds time this many calls each.
+SPARSE_CALLS_PER_ROUND = 20
 # glibc malloc serves the numpy baseline's arrays (up to 23 MB) from its heap, kept, instead of fresh
 # pages from the OS each round: under TensorFlow's BFC allocator nothing else keeps that heap warm,
 # and the page faults (5.6 us a page on AMD VMs here) made numpy 20-30% slower, flattering the ratios.
@@ -171,6 +173,7 @@ def run_case(args):
     if pattern not in ("dense16", "sparse16"):
         rounds["numpy"] = []
         numpy_batch_all(emb[0], lab[0])  # warm
+    calls = SPARSE_CALLS_PER_ROUND if pattern == "sparse16" else 1
     for _ in range(args.repeats):
         for name in rounds:
             start = time.perf_counter()
@@ -178,8 +181,9 @@ def run_case(args):
                 numpy_value = numpy_batch_all(emb[0], lab[0])
             else:
                 with tf.device(device):
-                    tf.nest.map_structure(lambda t: t.numpy(), steps[name]())
-            rounds[name].append(time.perf_counter() - start)
+                    for _ in range(calls):
+                        tf.nest.map_structure(lambda t: t.numpy(), steps[name]())
+            rounds[name].append((time.perf_counter() - start) / (1 if name == "numpy" else calls))
     result = dict(
         case=pattern,
         peak_mb=peak_mb,
