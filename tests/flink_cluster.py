@@ -218,15 +218,18 @@ class FlinkCluster:
         return process
 
     def wait_for_taskmanagers(self, count: int, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Until exactly `count` TaskManagers are registered, each with all its slots: a TaskManager shows
+        in REST as soon as it registers, and its slots only once its first slot report has arrived."""
         deadline = time.monotonic() + timeout_s
         while True:
             with contextlib.suppress(OSError, urllib.error.URLError, ValueError):
-                if len(self.registered_taskmanagers()) == count:
+                registered = self.registered_taskmanagers()
+                if len(registered) == count and all(tm["slotsNumber"] == SLOTS_PER_TASKMANAGER for tm in registered):
                     return
             self._check_alive()
             if time.monotonic() > deadline:
                 raise FlinkUnavailable(
-                    f"{count} TaskManagers did not register within {timeout_s} s: {self.logs_tail()}"
+                    f"{count} TaskManagers did not register with their slots within {timeout_s} s: {self.logs_tail()}"
                 )
             time.sleep(POLL_S)
 
